@@ -1,0 +1,63 @@
+# bloblo: `make run` starts it (with an embedded demo stack when nothing is configured),
+# `make test` installs everything the tests need and runs them.
+
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+LS_VENV     := .venv-localstack
+# LocalStack runs on the host only on Python 3.13 (see docs/testing.md); found via PATH or pyenv.
+PYTHON313   ?= $(shell command -v python3.13 2>/dev/null || ls -1 $$HOME/.pyenv/versions/3.13*/bin/python3.13 2>/dev/null | tail -n 1)
+APT_PACKAGES := docker-registry skopeo docker.io
+
+.PHONY: install run test bench lint lock clean
+
+install: $(BIN)/.installed localstack-host system-packages
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.lock
+	touch $@
+
+.PHONY: system-packages localstack-host
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+localstack-host: $(LS_VENV)/.installed
+$(LS_VENV)/.installed: localstack/requirements-host.txt
+	@if [ -z "$(PYTHON313)" ]; then \
+	  echo "no Python 3.13 found: LocalStack cannot run on this host; tests fall back to moto's S3 server"; \
+	else \
+	  test -x $(LS_VENV)/bin/python || $(PYTHON313) -m venv $(LS_VENV); \
+	  $(LS_VENV)/bin/pip install --quiet -r localstack/requirements-host.txt && touch $@; \
+	fi
+
+run: install
+	@if [ -n "$$BLOBLO_UPSTREAM_URL" ] || grep -qs '^BLOBLO_UPSTREAM_URL=' .env; then \
+	  exec $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app; \
+	else \
+	  exec $(BIN)/python -m tests.stack.demo; \
+	fi
+
+test: install
+	$(BIN)/pytest tests
+
+bench: install
+	$(BIN)/python -m bench
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+lock: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test]' && $(BIN)/pip uninstall --quiet -y bloblo
+	( sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable ) > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) $(LS_VENV) .run
