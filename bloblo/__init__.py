@@ -1,0 +1,49 @@
+"""bloblo: a registry proxy that serves layer downloads from S3."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from .blobs import BlobPolicy
+from .config import Settings, load_settings
+from .errors import install_error_handlers
+from .proxy import Forwarder, create_blueprint
+from .storage import BlobStore
+from .uploads import Uploads
+from .upstream import Upstream
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the WSGI app from settings (read from the environment when not given)."""
+    settings = settings or load_settings()
+    _route_logs_through_gunicorn()
+    forwarder = Forwarder(settings, Upstream(settings))
+    store = BlobStore(settings)
+    uploads = Uploads(store, settings.max_uploads, settings.upload_stall_seconds)
+    blobs = BlobPolicy(settings, forwarder, store, uploads)
+
+    app = Flask(__name__)
+    app.config["BLOBLO_SETTINGS"] = settings
+    app.register_blueprint(create_blueprint(forwarder, blobs.get))
+    install_error_handlers(app)
+    logging.getLogger(__name__).info(
+        "bloblo proxying %s, caching in s3://%s/%s",
+        settings.upstream_url,
+        settings.s3_bucket,
+        settings.s3_prefix,
+    )
+    return app
+
+
+def _route_logs_through_gunicorn() -> None:
+    """Under gunicorn, bloblo's log lines go where gunicorn's go, at its level."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    package_log = logging.getLogger(__name__)
+    if gunicorn_log.handlers and not package_log.handlers:
+        package_log.handlers = gunicorn_log.handlers
+        package_log.setLevel(logging.INFO)
+        package_log.propagate = False

@@ -1,0 +1,193 @@
+"""Settings: every BLOBLO_* variable is read here, once, into one immutable object.
+
+This module imports only the standard library, environs and marshmallow, so that gunicorn.conf.py
+can load it to check the configuration in the master before any worker forks (importing the
+package would import ssl before gevent has patched it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import environs
+from marshmallow import ValidationError
+from marshmallow.validate import Range, Regexp
+
+LOCALSTACK_ENDPOINT = "http://localhost:4566"
+MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+MAX_AUTH_CACHE_TTL = 60  # issue #3: remembered authorizations go stale fast
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """Some variables hold values bloblo cannot use; the message names each and what it expects."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything bloblo is configured with. `load_settings` builds it; tests build it directly."""
+
+    upstream_url: str = "http://localhost:6666"
+    listen_host: str = ""  # empty: every interface
+    listen_port: int = 7777
+    workers: int = 2  # gunicorn worker processes (gunicorn.conf.py reads it)
+    preserve_host: bool = False
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 60.0
+
+    s3_bucket: str = "sample-bucket"
+    s3_endpoint_url: str | None = None  # None: AWS itself
+    s3_public_endpoint_url: str | None = None  # what clients reach; defaults to s3_endpoint_url
+    s3_region: str | None = None
+    s3_prefix: str = ""
+    s3_access_key: str | None = None  # set only for LocalStack; otherwise boto3's chain decides
+    s3_secret_key: str | None = field(default=None, repr=False)
+
+    presign_expires: int = 1200
+    auth_cache_ttl: float = 0.0
+    max_uploads: int = 4
+    upload_stall_seconds: float = 3.0
+    stream_user_agents: re.Pattern[str] | None = None
+    stream_networks: tuple[Network, ...] = ()
+
+
+def load_settings() -> Settings:
+    """Read the BLOBLO_* variables from the environment and `./.env` (unless BLOBLO_DOTENV=0).
+
+    Raises ConfigError listing every variable whose value is unusable.
+    """
+    env = environs.Env(eager=False)
+    if os.environ.get("BLOBLO_DOTENV", "1") != "0" and os.path.exists(".env"):
+        env.read_env(".env", recurse=False, override=False)
+    with env.prefixed("BLOBLO_"):
+        raw = _read(env)
+    try:
+        env.seal()
+    except environs.EnvValidationError as exc:
+        problems = "; ".join(
+            f"{name}: {' '.join(msgs)}" for name, msgs in exc.error_messages.items()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    return _settings(raw)
+
+
+def _read(env: environs.Env) -> dict:
+    """Each variable, parsed and checked (values are None where invalid until env.seal())."""
+    seconds = Range(min=0.1, max=3600, error="expected seconds from {min} to {max}")
+    return {
+        "listen_addr": env.str("LISTEN_ADDR", ":7777", validate=_check_listen_addr),
+        "upstream_url": env.str("UPSTREAM_URL", "http://localhost:6666", validate=_check_url),
+        "workers": env.int(
+            "WORKERS",
+            os.cpu_count() or 1,
+            validate=Range(min=1, max=256, error="expected a number of processes, 1 to {max}"),
+        ),
+        "preserve_host": env.bool("PRESERVE_HOST", False),
+        "use_localstack": env.bool("USE_LOCALSTACK", False),
+        "connect_timeout": env.float("UPSTREAM_CONNECT_TIMEOUT", 10.0, validate=seconds),
+        "read_timeout": env.float("UPSTREAM_READ_TIMEOUT", 60.0, validate=seconds),
+        "bucket": env.str(
+            "S3_BUCKET_NAME",
+            "sample-bucket",
+            validate=Regexp(
+                r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+                error="expected an S3 bucket name: 3-63 characters of a-z, 0-9, '.', '-'",
+            ),
+        ),
+        "endpoint": env.str("S3_ENDPOINT_URL", None, validate=_check_url),
+        "public_endpoint": env.str("S3_PUBLIC_ENDPOINT_URL", None, validate=_check_url),
+        "region": env.str("S3_REGION", None),
+        "prefix": env.str(
+            "S3_PREFIX",
+            "",
+            validate=Regexp(
+                r"^[A-Za-z0-9!_.*'()/\-]*$", error="expected a key prefix of A-Z a-z 0-9 !_.*'()/-"
+            ),
+        ),
+        "presign_expires": env.int(
+            "PRESIGN_EXPIRES",
+            1200,
+            validate=Range(min=1, max=MAX_PRESIGN_EXPIRES, error="expected seconds, 1 to {max}"),
+        ),
+        "auth_cache_ttl": env.float(
+            "AUTH_CACHE_TTL",
+            0.0,
+            validate=Range(min=0, max=MAX_AUTH_CACHE_TTL, error="expected seconds, 0 to {max}"),
+        ),
+        "max_uploads": env.int(
+            "MAX_UPLOADS", 4, validate=Range(min=0, max=1000, error="expected 0 to {max}")
+        ),
+        "stall": env.float("UPLOAD_STALL_SECONDS", 3.0, validate=seconds),
+        "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
+        "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
+    }
+
+
+def _settings(raw: dict) -> Settings:
+    """Derive the Settings from checked values (LocalStack implies endpoint, region, keys)."""
+    localstack = raw["use_localstack"]
+    endpoint = raw["endpoint"] or (LOCALSTACK_ENDPOINT if localstack else None)
+    host, port = parse_listen_addr(raw["listen_addr"])
+    prefix = raw["prefix"].strip("/")
+    return Settings(
+        upstream_url=raw["upstream_url"].rstrip("/"),
+        listen_host=host,
+        listen_port=port,
+        workers=raw["workers"],
+        preserve_host=raw["preserve_host"],
+        upstream_connect_timeout=raw["connect_timeout"],
+        upstream_read_timeout=raw["read_timeout"],
+        s3_bucket=raw["bucket"],
+        s3_endpoint_url=endpoint,
+        s3_public_endpoint_url=raw["public_endpoint"] or endpoint,
+        s3_region=raw["region"] or ("us-east-1" if localstack else None),
+        s3_prefix=prefix + "/" if prefix else "",
+        s3_access_key="test" if localstack else None,
+        s3_secret_key="test" if localstack else None,
+        presign_expires=raw["presign_expires"],
+        auth_cache_ttl=raw["auth_cache_ttl"],
+        max_uploads=raw["max_uploads"],
+        upload_stall_seconds=raw["stall"],
+        stream_user_agents=re.compile(raw["user_agents"]) if raw["user_agents"] else None,
+        stream_networks=tuple(ipaddress.ip_network(n.strip()) for n in raw["networks"]),
+    )
+
+
+def parse_listen_addr(value: str) -> tuple[str, int]:
+    """Split HOST:PORT into (host, port); `:7777` has an empty host, meaning every interface."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d{1,5})", value.strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValidationError("expected HOST:PORT, e.g. ':7777', '127.0.0.1:7777' or '[::1]:7777'")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _check_listen_addr(value: str) -> None:
+    parse_listen_addr(value)
+
+
+def _check_url(value: str | None) -> None:
+    if value is None:
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValidationError("expected an http:// or https:// URL with a host and no query")
+
+
+def _check_regex(value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValidationError(f"expected a regular expression ({exc})") from None
+
+
+def _check_networks(values: list[str]) -> None:
+    try:
+        for value in values:
+            ipaddress.ip_network(value.strip())
+    except ValueError:
+        raise ValidationError("expected networks such as 10.0.0.0/8,::1/128") from None

@@ -1,0 +1,205 @@
+"""S3 as a content-addressed blob cache: keys, lookups, presigned GETs and verified uploads."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .config import Settings
+from .names import Digest
+
+LOG = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer while signing
+MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
+UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
+KNOWN_BLOBS = 100_000  # positive lookups remembered per worker (digests are immutable)
+KNOWN_TTL = 3600.0  # a deleted object is noticed within this long
+
+_HINTS = {
+    "NoSuchBucket": "create the bucket, or set BLOBLO_S3_BUCKET_NAME",
+    "AccessDenied": "the credentials lack s3:GetObject/PutObject on the bucket",
+    "InvalidAccessKeyId": "check the AWS credentials bloblo runs with",
+    "SignatureDoesNotMatch": "check the AWS secret key and BLOBLO_S3_REGION",
+    "AuthorizationHeaderMalformed": "BLOBLO_S3_REGION does not match the bucket's region",
+}
+
+
+@dataclass
+class S3Object:
+    """An open S3 object body with what the client needs to know about it."""
+
+    status: int  # 200, or 206 for a range
+    length: int
+    content_range: str | None
+    body: object  # botocore StreamingBody
+
+    def chunks(self, size: int):
+        """The body in chunks of at most size bytes; closes the body at the end."""
+        try:
+            yield from self.body.iter_chunks(size)
+        finally:
+            self.body.close()
+
+
+class BlobStore:
+    """Blobs in one bucket under <prefix>blobs/<algorithm>/<hex>; one instance per worker."""
+
+    def __init__(self, settings: Settings, clock=time.monotonic):
+        self._bucket = settings.s3_bucket
+        self._prefix = settings.s3_prefix
+        self._expires = settings.presign_expires
+        self._clock = clock
+        self._unavailable_until = 0.0
+        self._known: OrderedDict[str, float] = OrderedDict()
+        session = boto3.session.Session(
+            aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=settings.s3_secret_key,
+            region_name=settings.s3_region,
+        )
+        config = _client_config(path_style=settings.s3_endpoint_url is not None)
+        self._client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        # Presigned URLs sign the host: sign for the endpoint clients reach.
+        self._presigner = (
+            self._client
+            if settings.s3_public_endpoint_url == settings.s3_endpoint_url
+            else session.client("s3", endpoint_url=settings.s3_public_endpoint_url, config=config)
+        )
+
+    def key(self, digest: Digest) -> str:
+        """The object key of a blob."""
+        return f"{self._prefix}blobs/{digest.algorithm}/{digest.hex}"
+
+    def available(self) -> bool:
+        """False for a while after S3 failed, so pulls do not wait on a broken S3."""
+        return self._clock() >= self._unavailable_until
+
+    def report_failure(self, exc: Exception) -> None:
+        """Note that S3 failed: log what to check and stop asking it for a while."""
+        if self.available():
+            code = (
+                exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+            )
+            LOG.warning(
+                "S3 bucket %s failed (%s)%s; serving blobs from upstream for %gs",
+                self._bucket,
+                exc,
+                f": {_HINTS[code]}" if code in _HINTS else "",
+                UNAVAILABLE_SECONDS,
+            )
+        self._unavailable_until = self._clock() + UNAVAILABLE_SECONDS
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss."""
+        key = self.key(digest)
+        if self._remembered(key):
+            return True
+        if not self.available():
+            return False
+        try:
+            self._client.head_object(Bucket=self._bucket, Key=key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status not in (403, 404):  # 403: no s3:ListBucket, the object is absent
+                self.report_failure(exc)
+            return False
+        except BotoCoreError as exc:
+            self.report_failure(exc)
+            return False
+        self.remember(digest)
+        return True
+
+    def remember(self, digest: Digest) -> None:
+        """Record that the blob is in the bucket."""
+        key = self.key(digest)
+        self._known[key] = self._clock() + KNOWN_TTL
+        self._known.move_to_end(key)
+        while len(self._known) > KNOWN_BLOBS:
+            self._known.popitem(last=False)
+
+    def _remembered(self, key: str) -> bool:
+        expires = self._known.get(key)
+        if expires is None:
+            return False
+        if expires < self._clock():
+            del self._known[key]
+            return False
+        return True
+
+    def presigned_url(self, digest: Digest) -> str:
+        """A SigV4 URL that GETs the blob, valid for BLOBLO_PRESIGN_EXPIRES seconds."""
+        return self._presigner.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self._bucket, "Key": self.key(digest)},
+            ExpiresIn=self._expires,
+        )
+
+    def open(self, digest: Digest, byte_range: str | None) -> S3Object | None:
+        """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them."""
+        extra = {"Range": byte_range} if byte_range else {}
+        try:
+            obj = self._client.get_object(Bucket=self._bucket, Key=self.key(digest), **extra)
+        except (ClientError, BotoCoreError) as exc:
+            self.report_failure(exc)
+            return None
+        return S3Object(
+            status=obj["ResponseMetadata"]["HTTPStatusCode"],
+            length=obj["ContentLength"],
+            content_range=obj.get("ContentRange"),
+            body=obj["Body"],
+        )
+
+    def upload(self, fileobj: BinaryIO, digest: Digest, size: int | None) -> None:
+        """Upload fileobj's bytes under the blob's key; publishes only if fileobj ends cleanly.
+
+        An exception from fileobj.read() aborts the upload: nothing appears under the key.
+        """
+        part = part_size(size)
+        config = TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=4, use_threads=True
+        )
+        config.max_in_memory_upload_chunks = 4  # bounds memory: about 5 parts per upload
+        self._client.upload_fileobj(
+            fileobj,
+            self._bucket,
+            self.key(digest),
+            ExtraArgs={"ContentType": "application/octet-stream"},
+            Config=config,
+        )
+        self.remember(digest)
+
+
+def part_size(size: int | None) -> int:
+    """Multipart part size for a blob of size bytes: 8 MiB, larger when needed to fit the parts."""
+    if not size:
+        return MIN_PART
+    return max(MIN_PART, math.ceil(size / MAX_PARTS / MIB) * MIB)
+
+
+def _client_config(path_style: bool) -> Config:
+    return Config(
+        signature_version="s3v4",
+        s3={
+            "addressing_style": "path" if path_style else "auto",
+            # The digest check before publishing covers integrity; hashing each part again
+            # for the signature would cost a second pass over every byte.
+            "payload_signing_enabled": False,
+        },
+        connect_timeout=2,
+        read_timeout=10,
+        retries={"max_attempts": 2, "mode": "standard"},
+        max_pool_connections=64,
+        # boto3 >= 1.36 sends CRC checksums that some S3-compatible stores reject.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )

@@ -1,0 +1,85 @@
+"""The HTTP connection to the upstream registry: one pooled session per worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from http import cookiejar
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .config import Settings
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+LOG = logging.getLogger(__name__)
+
+
+class _NoCookies(cookiejar.DefaultCookiePolicy):
+    """The session is shared by every client: it must never keep one client's cookies."""
+
+    def set_ok(self, cookie, request):
+        return False
+
+
+class Upstream:
+    """Sends requests to the upstream registry exactly as given, and never follows redirects."""
+
+    def __init__(self, settings: Settings, pool_size: int = 256):
+        self.url = settings.upstream_url
+        self._timeout = (settings.upstream_connect_timeout, settings.upstream_read_timeout)
+        self._session = requests.Session()
+        self._session.trust_env = False  # no proxies or ~/.netrc credentials from the environment
+        self._session.cookies.set_policy(_NoCookies())
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: Iterable[bytes] | None = None,
+        content_length: int | None = None,
+    ) -> requests.Response:
+        """Send `method target` upstream and return the response with its body unread.
+
+        target is the request path and query, passed byte for byte. A body with a known
+        content_length is sent as is, one without as chunked. Raises UpstreamUnavailable when
+        the registry cannot be reached and UpstreamTimeout when it does not answer in time.
+        """
+        prepared = requests.Request(method, self.url, data=body).prepare()
+        # Set after prepare(): requests would re-quote the path; it must stay the client's bytes.
+        prepared.url = self.url + target
+        prepared.headers.clear()
+        for name, value in headers:
+            if name in prepared.headers:  # repeated header: one comma-joined line (RFC 9110 5.3)
+                prepared.headers[name] += ", " + value
+            else:
+                prepared.headers[name] = value
+        if content_length is not None:  # never Transfer-Encoding and Content-Length together
+            prepared.headers["Content-Length"] = str(content_length)
+        elif body is not None:
+            prepared.headers["Transfer-Encoding"] = "chunked"
+        try:
+            return self._session.send(
+                prepared, stream=True, allow_redirects=False, timeout=self._timeout
+            )
+        except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
+            LOG.warning("upstream %s timed out on %s %s: %s", self.url, method, _path(target), exc)
+            raise UpstreamTimeout(
+                f"the upstream registry did not answer in time ({self.url})"
+            ) from None
+        except requests.RequestException as exc:
+            LOG.warning(
+                "upstream %s unreachable on %s %s: %s", self.url, method, _path(target), exc
+            )
+            raise UpstreamUnavailable(
+                f"the upstream registry cannot be reached ({self.url})"
+            ) from None
+
+
+def _path(target: str) -> str:
+    """The path of a request target, for logs: query strings may carry signed upload state."""
+    return target.split("?", 1)[0]

@@ -1,0 +1,44 @@
+"""gunicorn settings for bloblo: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+Imports nothing from bloblo's package, requests or boto3: gevent patches the standard library in
+each worker after fork, and ssl must not be imported before that (see wsgi.py). The settings module
+is loaded by path so the master checks the configuration once, before forking any worker.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+
+def _load_config_module():
+    path = pathlib.Path(__file__).resolve().with_name("bloblo") / "config.py"
+    spec = importlib.util.spec_from_file_location("bloblo_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+_config = _load_config_module()
+try:
+    _settings = _config.load_settings()
+except _config.ConfigError as exc:
+    sys.exit(f"bloblo: {exc}")
+
+_host = _settings.listen_host or "0.0.0.0"
+bind = [
+    f"[{_host}]:{_settings.listen_port}" if ":" in _host else f"{_host}:{_settings.listen_port}"
+]
+workers = _settings.workers
+worker_class = "gevent"
+worker_connections = 1000
+preload_app = False  # each worker imports the app after gevent has patched it
+timeout = 30  # for gevent workers a heartbeat, not a request limit
+graceful_timeout = 600  # in-flight layer downloads get this long to finish on restart/stop
+keepalive = 75  # longer than common load balancers' idle timeout (60 s)
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+# Paths without query strings: those carry signed upload state (and, at some registries, tokens).
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms "%(a)s"'
+proc_name = "bloblo"
