@@ -122,7 +122,10 @@ class BlobPolicy:
 
         def body():
             feed = self._uploads.start(blob.digest, size)
-            yield from verified_stream(raw_body(upstream), blob.digest, size, feed)
+            if feed is None:  # not cached: clients check the digest of what they receive
+                yield from raw_body(upstream)
+            else:  # hashed on the way: only a verified blob is published (issue #3)
+                yield from verified_stream(raw_body(upstream), blob.digest, size, feed)
 
         return self._forwarder.respond(req, upstream, body)
 
