@@ -25,6 +25,9 @@ MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that l
 UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
 KNOWN_BLOBS = 100_000  # positive lookups remembered per worker (digests are immutable)
 KNOWN_TTL = 3600.0  # a deleted object is noticed within this long
+# Remembered blobs are redirected to only while S3 answered within this long: a redirect to a
+# dead S3 fails the pull, so a stale worker asks S3 again first (one request per interval).
+TRUST_SECONDS = 2.0
 
 _HINTS = {
     "NoSuchBucket": "create the bucket, or set BLOBLO_S3_BUCKET_NAME",
@@ -61,6 +64,7 @@ class BlobStore:
         self._expires = settings.presign_expires
         self._clock = clock
         self._unavailable_until = 0.0
+        self._answered_at = float("-inf")
         self._known: OrderedDict[str, float] = OrderedDict()
         session = boto3.session.Session(
             aws_access_key_id=settings.s3_access_key,
@@ -102,16 +106,19 @@ class BlobStore:
     def contains(self, digest: Digest) -> bool:
         """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss."""
         key = self.key(digest)
-        if self._remembered(key):
-            return True
         if not self.available():
             return False
+        if self._remembered(key) and self._clock() - self._answered_at < TRUST_SECONDS:
+            return True
         try:
             self._client.head_object(Bucket=self._bucket, Key=key)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status not in (403, 404):  # 403: no s3:ListBucket, the object is absent
                 self.report_failure(exc)
+            else:
+                self._answered_at = self._clock()
+                self._known.pop(key, None)
             return False
         except BotoCoreError as exc:
             self.report_failure(exc)
@@ -120,9 +127,10 @@ class BlobStore:
         return True
 
     def remember(self, digest: Digest) -> None:
-        """Record that the blob is in the bucket."""
+        """Record that the blob is in the bucket (S3 just said so)."""
         key = self.key(digest)
-        self._known[key] = self._clock() + KNOWN_TTL
+        self._answered_at = self._clock()
+        self._known[key] = self._answered_at + KNOWN_TTL
         self._known.move_to_end(key)
         while len(self._known) > KNOWN_BLOBS:
             self._known.popitem(last=False)
