@@ -35,7 +35,10 @@ worker_connections = 1000
 preload_app = False  # each worker imports the app after gevent has patched it
 timeout = 30  # for gevent workers a heartbeat, not a request limit
 graceful_timeout = 600  # in-flight layer downloads get this long to finish on restart/stop
-keepalive = 75  # longer than common load balancers' idle timeout (60 s)
+# Idle keep-alive connections hold a worker on graceful stop until they time out: keep it short.
+# Behind a load balancer raise it above the balancer's idle timeout:
+# GUNICORN_CMD_ARGS="--keep-alive 75".
+keepalive = 5
 control_socket_disable = True
 accesslog = "-"
 errorlog = "-"

@@ -67,17 +67,25 @@ class Upstream:
                 prepared, stream=True, allow_redirects=False, timeout=self._timeout
             )
         except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
-            LOG.warning("upstream %s timed out on %s %s: %s", self.url, method, _path(target), exc)
+            LOG.warning(
+                "upstream %s timed out on %s %s: %s", self.url, method, _path(target), _reason(exc)
+            )
             raise UpstreamTimeout(
                 f"the upstream registry did not answer in time ({self.url})"
             ) from None
         except requests.RequestException as exc:
             LOG.warning(
-                "upstream %s unreachable on %s %s: %s", self.url, method, _path(target), exc
+                "upstream %s unreachable on %s %s: %s", self.url, method, _path(target), _reason(exc)
             )
             raise UpstreamUnavailable(
                 f"the upstream registry cannot be reached ({self.url})"
             ) from None
+
+
+def _reason(exc: requests.RequestException) -> object:
+    """What went wrong, without the request URL (its query may carry signed upload state)."""
+    inner = exc.args[0] if exc.args else exc
+    return getattr(inner, "reason", inner)
 
 
 def _path(target: str) -> str:

@@ -4,6 +4,7 @@ an environment built from scratch for each test."""
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -99,3 +100,8 @@ class BlobloServer(ProcessServer):
             except psutil.NoSuchProcess:
                 continue
         return rss
+
+    def stop(self) -> None:
+        """Stop gunicorn by PID with SIGINT, its quick shutdown: SIGTERM's graceful one waits
+        for every idle keep-alive connection a test left open (production keeps SIGTERM)."""
+        self.process.stop(signum=signal.SIGINT)

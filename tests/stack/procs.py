@@ -206,9 +206,9 @@ class Process:
 
         return self.wait_until(ready, f"listening on {host}:{port}", timeout)
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """Stop the process: SIGTERM, wait up to `timeout` s, then SIGKILL; then kill whatever
-        is left of its process group and descendants. Return its exit code. Idempotent."""
+    def stop(self, timeout: float = STOP_TIMEOUT, signum: int = signal.SIGTERM) -> int | None:
+        """Stop the process: `signum` (SIGTERM), wait up to `timeout` s, then SIGKILL; then kill
+        whatever is left of its process group and descendants. Return its exit code. Idempotent."""
         if self._stopped:
             return self.popen.returncode
         self._stopped = True
@@ -217,12 +217,16 @@ class Process:
             return self.popen.returncode
         descendants = _descendants(self.pid)
         stopping = time.monotonic()
-        _signal(self.pid, signal.SIGTERM)
+        _signal(self.pid, signum)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             LOG.warning(
-                "%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", self.name, self.pid, timeout
+                "%s (pid %d) ignored signal %d for %.0f s: SIGKILL",
+                self.name,
+                self.pid,
+                signum,
+                timeout,
             )
             _signal(self.pid, signal.SIGKILL)
             self.popen.wait()
