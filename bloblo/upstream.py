@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from http import cookiejar
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -15,25 +14,16 @@ from .errors import UpstreamTimeout, UpstreamUnavailable
 LOG = logging.getLogger(__name__)
 
 
-class _NoCookies(cookiejar.DefaultCookiePolicy):
-    """The session is shared by every client: it must never keep one client's cookies."""
-
-    def set_ok(self, cookie, request):
-        return False
-
-
 class Upstream:
     """Sends requests to the upstream registry exactly as given, and never follows redirects."""
 
     def __init__(self, settings: Settings, pool_size: int = 256):
         self.url = settings.upstream_url
         self._timeout = (settings.upstream_connect_timeout, settings.upstream_read_timeout)
-        self._session = requests.Session()
-        self._session.trust_env = False  # no proxies or ~/.netrc credentials from the environment
-        self._session.cookies.set_policy(_NoCookies())
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        # The bare adapter, not a Session: a Session would keep one client's cookies for the
+        # next, read ~/.netrc and proxy settings, and consume redirect bodies even when told
+        # not to follow them.
+        self._adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
 
     def send(
         self,
@@ -63,9 +53,7 @@ class Upstream:
         elif body is not None:
             prepared.headers["Transfer-Encoding"] = "chunked"
         try:
-            return self._session.send(
-                prepared, stream=True, allow_redirects=False, timeout=self._timeout
-            )
+            return self._adapter.send(prepared, stream=True, timeout=self._timeout)
         except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
             LOG.warning(
                 "upstream %s timed out on %s %s: %s", self.url, method, _path(target), _reason(exc)
@@ -75,7 +63,11 @@ class Upstream:
             ) from None
         except requests.RequestException as exc:
             LOG.warning(
-                "upstream %s unreachable on %s %s: %s", self.url, method, _path(target), _reason(exc)
+                "upstream %s unreachable on %s %s: %s",
+                self.url,
+                method,
+                _path(target),
+                _reason(exc),
             )
             raise UpstreamUnavailable(
                 f"the upstream registry cannot be reached ({self.url})"

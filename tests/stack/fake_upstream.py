@@ -27,8 +27,8 @@ class Seen:
 
 @dataclass
 class Reply:
-    """What to answer: status, header lines, and a body (bytes or chunks; chunks are sent as
-    they come, so a test can stop half-way)."""
+    """What to answer: status, header lines, and a body (bytes, or chunks sent as they come and
+    then the connection closed, so a test can stop half-way)."""
 
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
@@ -78,6 +78,8 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             if self.command == "HEAD":
                 return
             chunks = [reply.body] if isinstance(reply.body, bytes) else reply.body
+            if not isinstance(reply.body, bytes):
+                self.close_connection = True  # a streamed body ends with the connection
             try:
                 for chunk in chunks:
                     self.wfile.write(chunk)
