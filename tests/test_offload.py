@@ -53,8 +53,7 @@ def _blob_get_statuses(bloblo, digests) -> dict[str, list[int]]:
     """The statuses bloblo's access log shows for GETs of each blob."""
     log = bloblo.log_text()
     return {
-        d: [int(s) for s in re.findall(rf'"GET /v2/\S+/blobs/{d}" (\d+)', log)]
-        for d in digests
+        d: [int(s) for s in re.findall(rf'"GET /v2/\S+/blobs/{d}" (\d+)', log)] for d in digests
     }
 
 
