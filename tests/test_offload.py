@@ -325,6 +325,29 @@ def test_a_client_that_leaves_half_way_publishes_nothing(
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
+def test_a_worker_killed_mid_upload_publishes_nothing(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    blob = push_big_blob(
+        RegistryClient(plain_registry.url), "team/app", unique_tag(), 48 * MIB, tmp_path
+    )
+    bloblo = start_bloblo(plain_registry)
+    (worker,) = bloblo.worker_pids()
+    with socket.create_connection((LOOPBACK, bloblo.port)) as sock:
+        sock.sendall(f"GET /v2/team/app/blobs/{blob.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = 0
+        while received < 20 * MIB:
+            received += len(sock.recv(MIB))
+        psutil.Process(worker).kill()
+    assert _poll(lambda: bloblo.worker_pids() and bloblo.worker_pids() != [worker])
+    assert _bucket_keys(s3, bucket) == []  # an unfinished multipart upload is no object
+    # The blob is still served, and cached, by the worker gunicorn started in its place.
+    assert _sha256_of(local_session(), f"{bloblo.url}/v2/team/app/blobs/{blob.digest}") == (
+        blob.digest
+    )
+    assert _poll(lambda: _bucket_keys(s3, bucket)) == [_key(blob.digest)]
+
+
 @pytest.mark.slow
 def test_ten_concurrent_cold_pulls_make_one_upload_and_all_get_the_blob(
     plain_registry, s3, bucket, start_bloblo, tmp_path
