@@ -16,21 +16,11 @@ import requests
 
 from tests.stack.fake_upstream import FakeUpstream, Reply
 from tests.stack.images import assert_same_image, pull, push, push_big_blob, unique_tag
-from tests.stack.procs import LOOPBACK, local_session
-from tests.stack.regclient import RegistryClient
+from tests.stack.procs import LOOPBACK, local_session, poll
+from tests.stack.regclient import RegistryClient, reading_half_way
 from tests.stack.s3 import S3Server
 
 MIB = 1024 * 1024
-
-
-def _poll(predicate, timeout: float = 15.0, interval: float = 0.05):
-    """predicate()'s first truthy value, or its last value once timeout has passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def _key(digest: str) -> str:
@@ -80,7 +70,7 @@ def test_first_pull_fills_the_bucket_and_the_second_is_served_from_s3(
 
     assert_same_image(pull(bloblo.host, "team/app", tag, tmp_path / "cold", alice), image)
     for digest in _image_blobs(image):
-        assert _poll(lambda d=digest: _cached(s3, bucket, d)) == image.blob_bytes(digest)
+        assert poll(lambda d=digest: _cached(s3, bucket, d)) == image.blob_bytes(digest)
     assert all(
         statuses == [200] for statuses in _blob_get_statuses(bloblo, _image_blobs(image)).values()
     )
@@ -175,7 +165,7 @@ def test_a_cached_blob_is_never_redirected_for_a_client_the_upstream_refuses(
     pull(bloblo.host, "team/app", tag, tmp_path / "fill", alice)
     layer = image.layer_digests[0]
     as_alice = RegistryClient(bloblo.url, creds=alice)
-    assert _poll(lambda: as_alice.request("GET", f"/v2/team/app/blobs/{layer}").status_code == 307)
+    assert poll(lambda: as_alice.request("GET", f"/v2/team/app/blobs/{layer}").status_code == 307)
 
     bob_token = token_issuer.mint(
         "bob", [{"type": "repository", "name": "other/thing", "actions": ["pull"]}]
@@ -303,7 +293,7 @@ def test_an_upstream_that_lies_publishes_nothing_and_the_client_sees_an_error(
             for chunk in response.iter_content(MIB):
                 received += chunk
         assert len(received) < len(real)
-        assert _poll(lambda: "did not publish" in bloblo.log_text())
+        assert poll(lambda: "did not publish" in bloblo.log_text())
     assert _bucket_keys(s3, bucket) == []
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
@@ -315,12 +305,10 @@ def test_a_client_that_leaves_half_way_publishes_nothing(
         RegistryClient(plain_registry.url), "team/app", unique_tag(), 48 * MIB, tmp_path
     )
     bloblo = start_bloblo(plain_registry)
-    with socket.create_connection((LOOPBACK, bloblo.port)) as sock:
-        sock.sendall(f"GET /v2/team/app/blobs/{blob.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        received = 0
-        while received < 20 * MIB:
-            received += len(sock.recv(MIB))
-    assert _poll(lambda: "did not publish" in bloblo.log_text())
+    path = f"/v2/team/app/blobs/{blob.digest}"
+    with reading_half_way(LOOPBACK, bloblo.port, path, at_least=20 * MIB):
+        pass  # then hang up
+    assert poll(lambda: "did not publish" in bloblo.log_text())
     assert _bucket_keys(s3, bucket) == []
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
@@ -333,19 +321,16 @@ def test_a_worker_killed_mid_upload_publishes_nothing(
     )
     bloblo = start_bloblo(plain_registry)
     (worker,) = bloblo.worker_pids()
-    with socket.create_connection((LOOPBACK, bloblo.port)) as sock:
-        sock.sendall(f"GET /v2/team/app/blobs/{blob.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        received = 0
-        while received < 20 * MIB:
-            received += len(sock.recv(MIB))
+    path = f"/v2/team/app/blobs/{blob.digest}"
+    with reading_half_way(LOOPBACK, bloblo.port, path, at_least=20 * MIB):
         psutil.Process(worker).kill()
-    assert _poll(lambda: bloblo.worker_pids() and bloblo.worker_pids() != [worker])
+    assert poll(lambda: bloblo.worker_pids() and bloblo.worker_pids() != [worker])
     assert _bucket_keys(s3, bucket) == []  # an unfinished multipart upload is no object
     # The blob is still served, and cached, by the worker gunicorn started in its place.
     assert _sha256_of(local_session(), f"{bloblo.url}/v2/team/app/blobs/{blob.digest}") == (
         blob.digest
     )
-    assert _poll(lambda: _bucket_keys(s3, bucket)) == [_key(blob.digest)]
+    assert poll(lambda: _bucket_keys(s3, bucket)) == [_key(blob.digest)]
 
 
 @pytest.mark.slow
@@ -375,7 +360,7 @@ def test_ten_concurrent_cold_pulls_make_one_upload_and_all_get_the_blob(
     for thread in threads:
         thread.join()
     assert results == [(200, blob.digest)] * 10
-    assert _poll(lambda: _bucket_keys(s3, bucket)) == [_key(blob.digest)]
+    assert poll(lambda: _bucket_keys(s3, bucket)) == [_key(blob.digest)]
     assert bloblo.log_text().count(f"published {blob.digest}") == 1
 
 
@@ -401,7 +386,7 @@ def test_a_blob_of_many_parts_round_trips_with_bounded_memory(
     sampler.start()
     try:
         cold = _sha256_of(session, f"{bloblo.url}/v2/team/app/blobs/{blob.digest}")
-        assert _poll(lambda: _bucket_keys(s3, bucket), timeout=60) == [_key(blob.digest)]
+        assert poll(lambda: _bucket_keys(s3, bucket), timeout=60) == [_key(blob.digest)]
     finally:
         done.set()
         sampler.join()
@@ -439,13 +424,13 @@ def test_pulls_succeed_while_s3_is_down(
         pull(bloblo.host, "team/app", tag, tmp_path / "fill")
         layer_url = f"{bloblo.url}/v2/team/app/blobs/{image.layer_digests[0]}"
         session = local_session()
-        assert _poll(lambda: session.get(layer_url, allow_redirects=False).status_code == 307)
+        assert poll(lambda: session.get(layer_url, allow_redirects=False).status_code == 307)
     finally:
         own_s3.stop()
 
     # Within a few seconds bloblo stops sending clients to the dead S3 ...
     started = time.monotonic()
-    assert _poll(
+    assert poll(
         lambda: session.get(layer_url, allow_redirects=False).status_code == 200, timeout=10
     )
     assert time.monotonic() - started < 5
@@ -488,7 +473,7 @@ def test_ranges_go_to_s3_on_a_hit_and_upstream_on_a_miss(
     assert _bucket_keys(s3, bucket) == []  # a partial blob is never cached
 
     session.get(url, timeout=30)  # a whole GET fills the cache
-    assert _poll(lambda: _bucket_keys(s3, bucket)) == [_key(digest)]
+    assert poll(lambda: _bucket_keys(s3, bucket)) == [_key(digest)]
     hit = session.get(url, headers={"Range": "bytes=10-99"}, allow_redirects=False, timeout=30)
     assert hit.status_code == 307
     followed = session.get(hit.headers["Location"], headers={"Range": "bytes=10-99"}, timeout=30)

@@ -7,7 +7,6 @@ import hashlib
 import socket
 import subprocess
 import threading
-import time
 
 import psutil
 import pytest
@@ -16,20 +15,10 @@ import requests
 from tests.stack.bloblo import GUNICORN, REPO, bloblo_env
 from tests.stack.fake_upstream import FakeUpstream, Reply
 from tests.stack.images import assert_same_image, pull, push, push_big_blob, unique_tag
-from tests.stack.procs import LOOPBACK, free_port, local_session
-from tests.stack.regclient import RegistryClient, sha256_file
+from tests.stack.procs import LOOPBACK, free_port, local_session, poll
+from tests.stack.regclient import RegistryClient, reading_half_way, sha256_file
 
 MIB = 1024 * 1024
-
-
-def _poll(predicate, timeout: float = 15.0, interval: float = 0.05):
-    """predicate()'s first truthy value, or its last value once timeout has passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # --- real registries, real clients -------------------------------------------------------------
@@ -277,7 +266,7 @@ def test_unreachable_upstream_is_a_502_in_json_and_the_log_names_it(start_bloblo
     assert response.status_code == 502
     assert _json_error(response) == "UNAVAILABLE"
     assert dead in response.json()["errors"][0]["message"]
-    assert _poll(lambda: f"upstream {dead} unreachable" in bloblo.log_text())
+    assert poll(lambda: f"upstream {dead} unreachable" in bloblo.log_text())
 
 
 def test_an_upstream_that_does_not_answer_is_a_504_in_json(start_bloblo):
@@ -289,7 +278,7 @@ def test_an_upstream_that_does_not_answer_is_a_504_in_json(start_bloblo):
         response = local_session().get(f"{bloblo.url}/v2/", timeout=30)
     assert response.status_code == 504
     assert _json_error(response) == "UNAVAILABLE"
-    assert _poll(lambda: f"upstream {upstream} timed out" in bloblo.log_text())
+    assert poll(lambda: f"upstream {upstream} timed out" in bloblo.log_text())
 
 
 def test_paths_outside_v2_are_json_404s_and_healthz_answers(recording_upstream, start_bloblo):
@@ -344,16 +333,11 @@ def test_a_client_that_disconnects_mid_blob_leaves_no_upstream_connection(
         RegistryClient(plain_registry.url), "team/app", unique_tag(), 64 * MIB, tmp_path
     )
     bloblo = start_bloblo(plain_registry)
-    with socket.create_connection((LOOPBACK, bloblo.port)) as sock:
-        sock.sendall(
-            f"GET /v2/team/app/blobs/{blob.digest} HTTP/1.1\r\nHost: {bloblo.host}\r\n\r\n".encode()
-        )
-        received = 0
-        while received < 4 * MIB:
-            received += len(sock.recv(MIB))
+    path = f"/v2/team/app/blobs/{blob.digest}"
+    with reading_half_way(LOOPBACK, bloblo.port, path, at_least=4 * MIB):
         assert _upstream_connections(bloblo, plain_registry.port)  # the transfer is under way
-    assert _poll(lambda: not _upstream_connections(bloblo, plain_registry.port))
-    assert _poll(lambda: "did not publish" in bloblo.log_text())
+    assert poll(lambda: not _upstream_connections(bloblo, plain_registry.port))
+    assert poll(lambda: "did not publish" in bloblo.log_text())
 
 
 @pytest.mark.slow

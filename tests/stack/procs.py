@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 import psutil
 import requests
 
 LOG = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
 STOP_TIMEOUT = 10.0
@@ -75,17 +77,15 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def poll(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Call `predicate` with growing pauses (20 ms to 250 ms) until it is true or `timeout`
-    seconds pass; return its last answer."""
+def poll(predicate: Callable[[], T], timeout: float = 15.0) -> T:
+    """Call `predicate` with growing pauses (20 ms to 250 ms) until it returns something true
+    or `timeout` seconds pass; return its last answer."""
     deadline = time.monotonic() + timeout
     delay = 0.02
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
+    while not (value := predicate()) and time.monotonic() < deadline:
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
-    return True
+    return value
 
 
 def child_env(

@@ -3,9 +3,12 @@ registry's basic or bearer challenge itself and streams blob uploads from files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -142,3 +145,18 @@ def _expect(resp: requests.Response, status: int) -> None:
             f"{resp.request.method} {resp.url}: expected {status}, got {resp.status_code}: "
             f"{resp.text[:500]}"
         )
+
+
+@contextlib.contextmanager
+def reading_half_way(host: str, port: int, path: str, at_least: int) -> Iterator[socket.socket]:
+    """A raw client that GETs `path` and has read at least `at_least` bytes when the block
+    starts; it hangs up (closes its socket) when the block ends."""
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        received = 0
+        while received < at_least:
+            data = sock.recv(CHUNK)
+            if not data:
+                raise ConnectionError(f"the server closed after {received} bytes of {path}")
+            received += len(data)
+        yield sock
