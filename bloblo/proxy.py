@@ -48,11 +48,9 @@ class Forwarder:
             client_addr=req.remote_addr,
             preserve_host=self._settings.preserve_host,
         )
-        data, length = (req.stream, req.content_length) if body else (None, None)
-        if body and length is None and "chunked" not in req.headers.get("Transfer-Encoding", ""):
-            data = None  # no body at all
+        data, length = request_body(req) if body else (None, None)
         return self._upstream.send(
-            method or req.method, target or raw_target(req), upstream_headers, _chunks(data), length
+            method or req.method, target or raw_target(req), upstream_headers, data, length
         )
 
     def respond(
@@ -95,11 +93,14 @@ def raw_body(upstream: requests.Response) -> Body:
         upstream.close()
 
 
-def _chunks(stream) -> Body | None:
-    """The client's request body as an iterator of chunks, or None when there is none."""
-    if stream is None:
-        return None
-    return iter(lambda: stream.read(CHUNK), b"")
+def request_body(req: Request) -> tuple[Body | None, int | None]:
+    """The client's body as chunks, and its length (None when it comes chunked)."""
+    length = req.content_length
+    if length is None and "chunked" not in req.headers.get("Transfer-Encoding", "").lower():
+        return None, None  # no body at all
+    if length == 0:
+        return None, 0
+    return iter(lambda: req.stream.read(CHUNK), b""), length
 
 
 def create_blueprint(

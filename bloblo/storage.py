@@ -155,9 +155,17 @@ class BlobStore:
     def open(self, digest: Digest, byte_range: str | None) -> S3Object | None:
         """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them."""
         extra = {"Range": byte_range} if byte_range else {}
+        key = self.key(digest)
         try:
-            obj = self._client.get_object(Bucket=self._bucket, Key=self.key(digest), **extra)
-        except (ClientError, BotoCoreError) as exc:
+            obj = self._client.get_object(Bucket=self._bucket, Key=key, **extra)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                self._known.pop(key, None)  # deleted since: serve it from upstream
+            elif status != 416:  # a range past the end: the upstream answers that itself
+                self.report_failure(exc)
+            return None
+        except BotoCoreError as exc:
             self.report_failure(exc)
             return None
         return S3Object(
