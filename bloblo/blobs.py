@@ -19,6 +19,7 @@ from .proxy import CHUNK, Forwarder, raw_body
 from .storage import BlobStore
 from .tee import verified_stream
 from .uploads import Uploads
+from .upstream import release
 
 LOG = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class BlobPolicy:
         answer = self._forwarder.call(
             req, method="HEAD", target=target, body=False, drop=_NOT_IN_HEAD
         )
-        answer.close()
+        release(answer)
         if answer.status_code not in AUTHORIZED:
             return False
         self._grants.grant(credentials, target)

@@ -12,7 +12,7 @@ from . import headers
 from .config import Settings
 from .errors import AbortResponse
 from .names import parse_blob_path
-from .upstream import Upstream
+from .upstream import Upstream, release
 
 LOG = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Forwarder:
         response = Response(stream, status=upstream.status_code, headers=response_headers)
         if not any(name.lower() == "content-type" for name, _ in response_headers):
             del response.headers["Content-Type"]  # Flask adds text/html by default
-        response.call_on_close(upstream.close)  # also when the body was never iterated
+        response.call_on_close(lambda: release(upstream))  # also when the body never started
         return response
 
     def forward(self, req: Request) -> Response:
@@ -90,7 +90,7 @@ def raw_body(upstream: requests.Response) -> Body:
         LOG.warning("upstream body broke off: %s", exc)
         raise AbortResponse("upstream body broke off") from None
     finally:
-        upstream.close()
+        release(upstream)
 
 
 def request_body(req: Request) -> tuple[Body | None, int | None]:

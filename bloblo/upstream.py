@@ -74,6 +74,19 @@ class Upstream:
             ) from None
 
 
+def release(response: requests.Response) -> None:
+    """Done with a response: its connection goes back to the pool if the body was read to the
+    end, and is closed otherwise (a client that left mid-blob must not leave it half-read).
+
+    Safe to call more than once. requests' own close() would always close the connection.
+    """
+    raw = response.raw
+    if raw.length_remaining == 0 or raw.closed:
+        raw.release_conn()
+    else:
+        response.close()
+
+
 def _reason(exc: requests.RequestException) -> object:
     """What went wrong, without the request URL (its query may carry signed upload state)."""
     inner = exc.args[0] if exc.args else exc

@@ -215,6 +215,31 @@ def test_authorization_is_asked_on_every_get_unless_a_ttl_is_set(s3, bucket, sta
         assert sum(seen.method == "HEAD" for seen in upstream.seen) == 2  # other credentials
 
 
+def test_upstream_connections_are_reused_across_requests(s3, bucket, start_bloblo):
+    data = b"reuse" * 1000
+    cached = _put_in_cache(s3, bucket, data)
+    missing = "sha256:" + hashlib.sha256(b"not cached").hexdigest()
+
+    def answer(seen):
+        body = (
+            b"" if seen.method == "HEAD" else (b"not cached" if missing in seen.target else b"{}")
+        )
+        return Reply(200, [("Content-Length", str(len(body) or len(data)))], body)
+
+    with FakeUpstream(answer) as upstream:
+        bloblo = start_bloblo(upstream.url)
+        with local_session() as session:
+            for path in ["/v2/", f"/v2/a/blobs/{cached}", f"/v2/a/blobs/{missing}"] * 5:
+                assert session.get(bloblo.url + path, allow_redirects=False).status_code in (
+                    200,
+                    307,
+                )
+    # 5 GETs of /v2/, 5 HEADs of the cached blob, HEAD + GET of the other, then 4 HEADs: it is
+    # cached after its first GET.
+    assert len(upstream.seen) == 16
+    assert len({seen.peer for seen in upstream.seen}) == 1
+
+
 @pytest.mark.parametrize("status", [301, 308, 401, 403, 404, 500])
 def test_only_200_or_a_temporary_redirect_authorizes(status, s3, bucket, start_bloblo):
     digest = _put_in_cache(s3, bucket, b"guarded" * 100)

@@ -19,6 +19,7 @@ class Seen:
     target: str  # the raw request target: path and query, as sent
     headers: list[tuple[str, str]]  # every header line, repeats kept, in order
     body: bytes
+    peer: tuple[str, int]  # the client's address: the same for requests on one connection
 
     def header_values(self, name: str) -> list[str]:
         """Values of every line of header `name`."""
@@ -65,7 +66,13 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def _serve(self) -> None:
-            seen = Seen(self.command, self.path, list(self.headers.items()), self._body())
+            seen = Seen(
+                self.command,
+                self.path,
+                list(self.headers.items()),
+                self._body(),
+                self.client_address,
+            )
             upstream.seen.append(seen)
             reply = upstream.answer(seen)
             self.send_response(reply.status)
