@@ -23,7 +23,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     _route_logs_through_gunicorn()
     forwarder = Forwarder(settings, Upstream(settings))
     store = BlobStore(settings)
-    uploads = Uploads(store, settings.max_uploads, settings.upload_stall_seconds)
+    uploads = Uploads(
+        store, settings.max_uploads, settings.upload_buffer_bytes, settings.upload_stall_seconds
+    )
     blobs = BlobPolicy(settings, forwarder, store, uploads)
 
     app = Flask(__name__)

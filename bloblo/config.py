@@ -51,6 +51,7 @@ class Settings:
     presign_expires: int = 1200
     auth_cache_ttl: float = 0.0
     max_uploads: int = 4
+    upload_buffer_bytes: int = 1024 * 1024 * 1024
     upload_stall_seconds: float = 3.0
     stream_user_agents: re.Pattern[str] | None = None
     stream_networks: tuple[Network, ...] = ()
@@ -122,6 +123,11 @@ def _read(env: environs.Env) -> dict:
         "max_uploads": env.int(
             "MAX_UPLOADS", 4, validate=Range(min=0, max=1000, error="expected 0 to {max}")
         ),
+        "buffer_mb": env.int(
+            "UPLOAD_BUFFER_MB",
+            1024,
+            validate=Range(min=1, max=1024 * 1024, error="expected MiB, 1 to {max}"),
+        ),
         "stall": env.float("UPLOAD_STALL_SECONDS", 3.0, validate=seconds),
         "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
         "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
@@ -152,6 +158,7 @@ def _settings(raw: dict) -> Settings:
         presign_expires=raw["presign_expires"],
         auth_cache_ttl=raw["auth_cache_ttl"],
         max_uploads=raw["max_uploads"],
+        upload_buffer_bytes=raw["buffer_mb"] * 1024 * 1024,
         upload_stall_seconds=raw["stall"],
         stream_user_agents=re.compile(raw["user_agents"]) if raw["user_agents"] else None,
         stream_networks=tuple(ipaddress.ip_network(n.strip()) for n in raw["networks"]),

@@ -31,7 +31,7 @@ def _digest(n: int) -> Digest:
 
 def test_one_upload_per_digest_and_at_most_the_cap_at_once():
     store = BlockingStore()
-    uploads = Uploads(store, max_uploads=2, stall_seconds=5)
+    uploads = Uploads(store, max_uploads=2, buffer_bytes=MIB, stall_seconds=5)
     first = uploads.start(_digest(1), 10)
     assert first is not None
     assert uploads.start(_digest(1), 10) is None  # the same blob is already on its way
@@ -48,7 +48,7 @@ def test_one_upload_per_digest_and_at_most_the_cap_at_once():
 
 
 def test_nothing_is_uploaded_while_storage_is_unavailable():
-    assert Uploads(BlockingStore(available=False), 4, 5).start(_digest(1), 10) is None
+    assert Uploads(BlockingStore(available=False), 4, MIB, 5).start(_digest(1), 10) is None
 
 
 def test_part_size_keeps_any_blob_within_s3s_part_count():
