@@ -153,11 +153,16 @@ class Feed:
             if not self._room.wait(self._stall_seconds):
                 self.abort(f"the S3 upload fell behind and stalled for {self._stall_seconds:g}s")
                 return
-        if self._spool is None:
-            # Lives as long as the feed: closed by the pump when drained, or by abort().
-            self._spool = tempfile.TemporaryFile(prefix="bloblo-spool-")  # noqa: SIM115
-            self._pump = gevent.spawn(self._drain)
-        os.pwrite(self._spool.fileno(), view, self._spooled)
+        try:
+            if self._spool is None:
+                # Lives as long as the feed: closed by the pump when drained, or by abort().
+                self._spool = tempfile.TemporaryFile(prefix="bloblo-spool-")  # noqa: SIM115
+                self._pump = gevent.spawn(self._drain)
+            os.pwrite(self._spool.fileno(), view, self._spooled)
+        except OSError as exc:  # a full disk costs the cache entry, never the client's blob
+            LOG.warning("cannot spool for an S3 upload (%s): check TMPDIR's free space", exc)
+            self.abort(f"could not spool: {exc}")
+            return
         self._spooled += len(view)
         self._wake_pump.set()
 

@@ -90,3 +90,16 @@ def test_a_reader_that_closes_early_releases_the_writer():
     pipe.close()
     _write_all(feed, b"x" * (8 * MIB))
     assert pipe.abort_reason == "the S3 upload ended early"
+
+
+def test_a_spool_that_cannot_be_written_drops_the_upload_not_the_stream(monkeypatch):
+    pipe, feed = _feed()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("bloblo.uploads.os.pwrite", disk_full)
+    _write_all(feed, b"d" * (4 * MIB))  # more than the pipe: it must spool, and cannot
+    assert "No space left" in pipe.abort_reason
+    with pytest.raises(UploadAborted):
+        _read_all(pipe)
