@@ -35,6 +35,9 @@ _HINTS = {
     "InvalidAccessKeyId": "check the AWS credentials bloblo runs with",
     "SignatureDoesNotMatch": "check the AWS secret key and BLOBLO_S3_REGION",
     "AuthorizationHeaderMalformed": "BLOBLO_S3_REGION does not match the bucket's region",
+    "NoCredentialsError": "give bloblo AWS credentials (instance profile, AWS_* variables, "
+    "~/.aws) or set BLOBLO_USE_LOCALSTACK=true",
+    "EndpointConnectionError": "check BLOBLO_S3_ENDPOINT_URL and that S3 is reachable",
 }
 
 
@@ -92,7 +95,9 @@ class BlobStore:
         """Note that S3 failed: log what to check and stop asking it for a while."""
         if self.available():
             code = (
-                exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+                exc.response.get("Error", {}).get("Code")
+                if isinstance(exc, ClientError)
+                else type(exc).__name__
             )
             LOG.warning(
                 "S3 bucket %s failed (%s)%s; serving blobs from upstream for %gs",
