@@ -45,3 +45,14 @@ errorlog = "-"
 # Paths without query strings: those carry signed upload state (and, at some registries, tokens).
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms "%(a)s"'
 proc_name = "bloblo"
+
+
+def worker_exit(server, worker):
+    """Let S3 uploads that trail finished downloads complete before the worker goes.
+
+    At most 20 s: the master kills a worker that stays silent for `timeout` (30 s).
+    """
+    app = getattr(worker, "wsgi", None)
+    uploads = getattr(app, "extensions", {}).get("bloblo.uploads")
+    if uploads is not None and uploads.drain(timeout=20):
+        server.log.warning("worker %s exits with S3 uploads unfinished: not cached", worker.pid)

@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app = Flask(__name__)
     app.config["BLOBLO_SETTINGS"] = settings
+    app.extensions["bloblo.uploads"] = uploads  # gunicorn.conf.py drains it on worker exit
     app.register_blueprint(create_blueprint(forwarder, blobs.get))
     install_error_handlers(app)
     logging.getLogger(__name__).info(

@@ -231,6 +231,13 @@ class Uploads:
         """How many uploads this worker runs now."""
         return len(self._in_flight)
 
+    def drain(self, timeout: float) -> int:
+        """Wait up to timeout seconds for the uploads in flight; return how many are left."""
+        if self._in_flight:
+            LOG.info("waiting up to %gs for %d S3 uploads", timeout, len(self._in_flight))
+            gevent.joinall(list(self._in_flight.values()), timeout=timeout)
+        return len(self._in_flight)
+
     def _run(self, digest: Digest, size: int | None, pipe: Pipe) -> None:
         try:
             self._store.upload(pipe, digest, size)

@@ -19,6 +19,7 @@ from tests.stack.images import assert_same_image, pull, push, push_big_blob, uni
 from tests.stack.procs import LOOPBACK, local_session, poll
 from tests.stack.regclient import RegistryClient, reading_half_way
 from tests.stack.s3 import S3Server
+from tests.stack.throttle import Throttle
 
 MIB = 1024 * 1024
 
@@ -466,6 +467,43 @@ def test_pulls_succeed_while_s3_is_down(
     push(fresh, plain_registry.host, "team/app", fresh_tag)
     assert_same_image(pull(bloblo.host, "team/app", fresh_tag, tmp_path / "cold"), fresh)
     assert "S3 bucket doomed failed" in bloblo.log_text()
+
+
+def test_a_slow_s3_does_not_slow_the_client_and_still_gets_the_blob(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    blob = push_big_blob(
+        RegistryClient(plain_registry.url), "team/app", unique_tag(), 192 * MIB, tmp_path
+    )
+    with Throttle(s3.port, bytes_per_second=32 * MIB) as slow_s3:  # 6 s for this blob
+        bloblo = start_bloblo(plain_registry, BLOBLO_S3_ENDPOINT_URL=slow_s3.url)
+        url = f"{bloblo.url}/v2/team/app/blobs/{blob.digest}"
+        assert _sha256_of(local_session(), url) == blob.digest
+        # The client has every byte while most of the upload is still to come: it was not
+        # held to S3's pace (held, it would have waited for all but the ~40 MiB bloblo keeps
+        # in memory, 80 % of the blob) ...
+        assert slow_s3.sent < blob.size / 2
+        assert f"published {blob.digest}" not in bloblo.log_text()
+        # ... and the upload, fed from the spool, completes behind it.
+        assert poll(lambda: f"published {blob.digest}" in bloblo.log_text(), timeout=60)
+    assert _cached(s3, bucket, blob.digest) == blob.path.read_bytes()
+
+
+def test_a_graceful_stop_lets_uploads_trailing_finished_downloads_complete(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    blob = push_big_blob(
+        RegistryClient(plain_registry.url), "team/app", unique_tag(), 32 * MIB, tmp_path
+    )
+    with Throttle(s3.port, bytes_per_second=16 * MIB) as slow_s3:  # 2 s for this blob
+        bloblo = start_bloblo(plain_registry, BLOBLO_S3_ENDPOINT_URL=slow_s3.url)
+        with local_session() as session:
+            url = f"{bloblo.url}/v2/team/app/blobs/{blob.digest}"
+            assert _sha256_of(session, url) == blob.digest
+        assert f"published {blob.digest}" not in bloblo.log_text()
+        bloblo.process.stop(timeout=60)  # SIGTERM: gunicorn's graceful stop
+    assert f"published {blob.digest}" in bloblo.log_text()
+    assert _bucket_keys(s3, bucket) == [_key(blob.digest)]
 
 
 # --- HEAD, Range, and clients that cannot follow redirects ----------------------------------
