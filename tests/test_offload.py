@@ -495,13 +495,14 @@ def test_a_graceful_stop_lets_uploads_trailing_finished_downloads_complete(
     blob = push_big_blob(
         RegistryClient(plain_registry.url), "team/app", unique_tag(), 32 * MIB, tmp_path
     )
-    with Throttle(s3.port, bytes_per_second=16 * MIB) as slow_s3:  # 2 s for this blob
+    with Throttle(s3.port, bytes_per_second=8 * MIB) as slow_s3:  # 4 s for this blob
         bloblo = start_bloblo(plain_registry, BLOBLO_S3_ENDPOINT_URL=slow_s3.url)
         with local_session() as session:
             url = f"{bloblo.url}/v2/team/app/blobs/{blob.digest}"
             assert _sha256_of(session, url) == blob.digest
         assert f"published {blob.digest}" not in bloblo.log_text()
         bloblo.process.stop(timeout=60)  # SIGTERM: gunicorn's graceful stop
+    assert "waiting up to 20s for 1 S3 uploads" in bloblo.log_text()
     assert f"published {blob.digest}" in bloblo.log_text()
     assert _bucket_keys(s3, bucket) == [_key(blob.digest)]
 
