@@ -48,8 +48,21 @@ def _blob_get_statuses(bloblo, digests) -> dict[str, list[int]]:
     }
 
 
+def _assert_nothing_published(s3: S3Server, bucket: str) -> None:
+    """No object, and no multipart upload left open either."""
+    assert _bucket_keys(s3, bucket) == []
+    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
 def _image_blobs(image) -> list[str]:
     return [image.config_digest, *image.layer_digests]
+
+
+def _big_blob_behind_bloblo(registry, start_bloblo, tmp_path, size: int, **env):
+    """A fresh blob of size random bytes in registry's team/app, and bloblo in front of it."""
+    client = RegistryClient(registry.url)
+    blob = push_big_blob(client, "team/app", unique_tag(), size, tmp_path)
+    return blob, start_bloblo(registry, **env)
 
 
 def _put_in_cache(s3: S3Server, bucket: str, data: bytes) -> str:
@@ -320,32 +333,24 @@ def test_an_upstream_that_lies_publishes_nothing_and_the_client_sees_an_error(
                 received += chunk
         assert len(received) < len(real)
         assert poll(lambda: "did not publish" in bloblo.log_text())
-    assert _bucket_keys(s3, bucket) == []
-    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    _assert_nothing_published(s3, bucket)
 
 
 def test_a_client_that_leaves_half_way_publishes_nothing(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = push_big_blob(
-        RegistryClient(plain_registry.url), "team/app", unique_tag(), 48 * MIB, tmp_path
-    )
-    bloblo = start_bloblo(plain_registry)
+    blob, bloblo = _big_blob_behind_bloblo(plain_registry, start_bloblo, tmp_path, 48 * MIB)
     path = f"/v2/team/app/blobs/{blob.digest}"
     with reading_half_way(LOOPBACK, bloblo.port, path, at_least=20 * MIB):
         pass  # then hang up
     assert poll(lambda: "did not publish" in bloblo.log_text())
-    assert _bucket_keys(s3, bucket) == []
-    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    _assert_nothing_published(s3, bucket)
 
 
 def test_a_worker_killed_mid_upload_publishes_nothing(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = push_big_blob(
-        RegistryClient(plain_registry.url), "team/app", unique_tag(), 48 * MIB, tmp_path
-    )
-    bloblo = start_bloblo(plain_registry)
+    blob, bloblo = _big_blob_behind_bloblo(plain_registry, start_bloblo, tmp_path, 48 * MIB)
     (worker,) = bloblo.worker_pids()
     path = f"/v2/team/app/blobs/{blob.digest}"
     with reading_half_way(LOOPBACK, bloblo.port, path, at_least=20 * MIB):
@@ -363,10 +368,7 @@ def test_a_worker_killed_mid_upload_publishes_nothing(
 def test_ten_concurrent_cold_pulls_make_one_upload_and_all_get_the_blob(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = push_big_blob(
-        RegistryClient(plain_registry.url), "team/app", unique_tag(), 24 * MIB, tmp_path
-    )
-    bloblo = start_bloblo(plain_registry)
+    blob, bloblo = _big_blob_behind_bloblo(plain_registry, start_bloblo, tmp_path, 24 * MIB)
     start, results = threading.Barrier(10), []
 
     def fetch():
@@ -395,10 +397,7 @@ def test_ten_concurrent_cold_pulls_make_one_upload_and_all_get_the_blob(
 def test_a_blob_of_many_parts_round_trips_with_bounded_memory(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = push_big_blob(
-        RegistryClient(plain_registry.url), "team/app", unique_tag(), 200 * MIB, tmp_path
-    )
-    bloblo = start_bloblo(plain_registry)
+    blob, bloblo = _big_blob_behind_bloblo(plain_registry, start_bloblo, tmp_path, 200 * MIB)
     session = local_session()
     session.get(f"{bloblo.url}/v2/", timeout=30)
     (worker,) = bloblo.worker_pids()
@@ -472,11 +471,14 @@ def test_pulls_succeed_while_s3_is_down(
 def test_a_slow_s3_does_not_slow_the_client_and_still_gets_the_blob(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = push_big_blob(
-        RegistryClient(plain_registry.url), "team/app", unique_tag(), 192 * MIB, tmp_path
-    )
     with Throttle(s3.port, bytes_per_second=32 * MIB) as slow_s3:  # 6 s for this blob
-        bloblo = start_bloblo(plain_registry, BLOBLO_S3_ENDPOINT_URL=slow_s3.url)
+        blob, bloblo = _big_blob_behind_bloblo(
+            plain_registry,
+            start_bloblo,
+            tmp_path,
+            192 * MIB,
+            BLOBLO_S3_ENDPOINT_URL=slow_s3.url,
+        )
         url = f"{bloblo.url}/v2/team/app/blobs/{blob.digest}"
         assert _sha256_of(local_session(), url) == blob.digest
         # The client has every byte while most of the upload is still to come: it was not
@@ -492,11 +494,14 @@ def test_a_slow_s3_does_not_slow_the_client_and_still_gets_the_blob(
 def test_a_graceful_stop_lets_uploads_trailing_finished_downloads_complete(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = push_big_blob(
-        RegistryClient(plain_registry.url), "team/app", unique_tag(), 32 * MIB, tmp_path
-    )
     with Throttle(s3.port, bytes_per_second=8 * MIB) as slow_s3:  # 4 s for this blob
-        bloblo = start_bloblo(plain_registry, BLOBLO_S3_ENDPOINT_URL=slow_s3.url)
+        blob, bloblo = _big_blob_behind_bloblo(
+            plain_registry,
+            start_bloblo,
+            tmp_path,
+            32 * MIB,
+            BLOBLO_S3_ENDPOINT_URL=slow_s3.url,
+        )
         with local_session() as session:
             url = f"{bloblo.url}/v2/team/app/blobs/{blob.digest}"
             assert _sha256_of(session, url) == blob.digest
