@@ -128,10 +128,10 @@ class BlobStore:
         except BotoCoreError as exc:
             self.report_failure(exc)
             return False
-        self.remember(digest)
+        self._remember(digest)
         return True
 
-    def remember(self, digest: Digest) -> None:
+    def _remember(self, digest: Digest) -> None:
         """Record that the blob is in the bucket (S3 just said so)."""
         key = self.key(digest)
         self._answered_at = self._clock()
@@ -197,7 +197,7 @@ class BlobStore:
             ExtraArgs={"ContentType": "application/octet-stream"},
             Config=config,
         )
-        self.remember(digest)
+        self._remember(digest)
 
 
 def part_size(size: int | None) -> int:

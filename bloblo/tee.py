@@ -21,7 +21,7 @@ class Feed(Protocol):
 
 
 def verified_stream(
-    chunks: Iterable[bytes], digest: Digest, size: int | None, feed: Feed | None = None
+    chunks: Iterable[bytes], digest: Digest, size: int | None, feed: Feed
 ) -> Iterator[bytes]:
     """Yield chunks to the client, holding back the last one until the digest is checked.
 
@@ -30,15 +30,14 @@ def verified_stream(
     blob. The feed gets every chunk and finish() only when the blob checked out; abort()
     otherwise, also when the client goes away.
     """
-    hasher, received, held = digest.hasher(), 0, None
+    hasher, received, held, finished = digest.hasher(), 0, None, False
     try:
         for chunk in chunks:
             if held is not None:
                 yield held
             hasher.update(chunk)
             received += len(chunk)
-            if feed is not None:
-                feed.write(chunk)
+            feed.write(chunk)
             held = chunk
         problem = _mismatch(hasher.hexdigest(), received, digest, size)
         if problem:
@@ -46,13 +45,12 @@ def verified_stream(
                 "upstream sent a wrong blob for %s: %s; cutting the response", digest, problem
             )
             raise AbortResponse(problem)
-        if feed is not None:
-            feed.finish()
-            feed = None
+        feed.finish()
+        finished = True
         if held is not None:
             yield held
     finally:  # also GeneratorExit: the client went away
-        if feed is not None:
+        if not finished:
             feed.abort("the blob did not arrive whole and verified")
 
 

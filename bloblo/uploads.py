@@ -31,7 +31,6 @@ from .names import Digest
 LOG = logging.getLogger(__name__)
 
 PIPE_CAPACITY = 1024 * 1024
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in the module only from Python 3.10 on Linux
 
 
 class UploadAborted(Exception):
@@ -49,7 +48,7 @@ class Pipe:
     def __init__(self):
         self._read_fd, self._write_fd = os.pipe()
         with contextlib.suppress(OSError):  # else the default 64 KiB, where pipes are capped lower
-            fcntl.fcntl(self._write_fd, _F_SETPIPE_SZ, PIPE_CAPACITY)
+            fcntl.fcntl(self._write_fd, fcntl.F_SETPIPE_SZ, PIPE_CAPACITY)
         make_nonblocking(self._read_fd)
         make_nonblocking(self._write_fd)
         self._finished = False

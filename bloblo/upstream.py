@@ -1,4 +1,4 @@
-"""The HTTP connection to the upstream registry: one pooled session per worker."""
+"""The HTTP connection to the upstream registry: one connection pool per worker."""
 
 from __future__ import annotations
 
