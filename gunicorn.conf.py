@@ -40,6 +40,13 @@ graceful_timeout = 600  # in-flight layer downloads get this long to finish on r
 # GUNICORN_CMD_ARGS="--keep-alive 75".
 keepalive = 5
 control_socket_disable = True
+# X-Forwarded-Proto is believed from these peers only; bloblo applies the same list to the
+# other forwarding headers (issue #6, part 4).
+forwarded_allow_ips = ",".join(str(network) for network in _settings.trusted_proxies)
+# Never refuse what the registry accepts (issue #6, part 5): cloud registries' bearer tokens run
+# past 10 KB (distribution takes header fields up to 1 MiB). 0 would fall back to 8190 here.
+limit_request_field_size = 64 * 1024
+limit_request_line = 8190  # gunicorn's maximum
 accesslog = "-"
 errorlog = "-"
 # Paths without query strings: those carry signed upload state (and, at some registries, tokens).

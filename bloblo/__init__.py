@@ -7,6 +7,7 @@ import logging
 from flask import Flask
 
 from .blobs import BlobPolicy
+from .clients import ClientMiddleware
 from .config import Settings, load_settings
 from .errors import install_error_handlers
 from .proxy import Forwarder, create_blueprint
@@ -21,14 +22,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the WSGI app from settings (read from the environment when not given)."""
     settings = settings or load_settings()
     _route_logs_through_gunicorn()
-    forwarder = Forwarder(settings, Upstream(settings))
+    upstream = Upstream(settings)
+    forwarder = Forwarder(settings, upstream)
     store = BlobStore(settings)
     uploads = Uploads(
         store, settings.max_uploads, settings.upload_buffer_bytes, settings.upload_stall_seconds
     )
-    blobs = BlobPolicy(settings, forwarder, store, uploads)
+    blobs = BlobPolicy(settings, forwarder, upstream, store, uploads)
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # every path is the registry's
+    # Every path is the registry's: no slash merging or trailing-slash redirects of Flask's own.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    app.wsgi_app = ClientMiddleware(app.wsgi_app, settings.trusted_proxies)
     app.config["BLOBLO_SETTINGS"] = settings
     app.extensions["bloblo.uploads"] = uploads  # gunicorn.conf.py drains it on worker exit
     app.register_blueprint(create_blueprint(forwarder, blobs.get))

@@ -20,6 +20,7 @@ from marshmallow.validate import Range, Regexp
 LOCALSTACK_ENDPOINT = "http://localhost:4566"
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 MAX_AUTH_CACHE_TTL = 60  # issue #3: remembered authorizations go stale fast
+DEFAULT_TRUSTED_PROXIES = ["127.0.0.0/8", "::1/128"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -55,6 +56,11 @@ class Settings:
     upload_stall_seconds: float = 3.0
     stream_user_agents: re.Pattern[str] | None = None
     stream_networks: tuple[Network, ...] = ()
+    # Load balancers whose X-Forwarded-* headers are believed (issue #6, part 4).
+    trusted_proxies: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
 
 
 def load_settings() -> Settings:
@@ -131,6 +137,9 @@ def _read(env: environs.Env) -> dict:
         "stall": env.float("UPLOAD_STALL_SECONDS", 3.0, validate=seconds),
         "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
         "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
+        "trusted_proxies": env.list(
+            "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, validate=_check_networks
+        ),
     }
 
 
@@ -161,7 +170,8 @@ def _settings(raw: dict) -> Settings:
         upload_buffer_bytes=raw["buffer_mb"] * 1024 * 1024,
         upload_stall_seconds=raw["stall"],
         stream_user_agents=re.compile(raw["user_agents"]) if raw["user_agents"] else None,
-        stream_networks=tuple(ipaddress.ip_network(n.strip()) for n in raw["networks"]),
+        stream_networks=_networks(raw["networks"]),
+        trusted_proxies=_networks(raw["trusted_proxies"]),
     )
 
 
@@ -180,9 +190,23 @@ def _check_listen_addr(value: str) -> None:
 def _check_url(value: str | None) -> None:
     if value is None:
         return
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        raise ValidationError("expected an http:// or https:// URL with a valid port") from None
+    if parts.username is not None or parts.password is not None:
+        # Never repeat the value: it holds a secret (issue #6, part 7).
+        raise ValidationError(
+            "must not contain credentials (user:password@): remove them; clients bring their "
+            "own credentials and bloblo passes them on"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise ValidationError("expected an http:// or https:// URL with a host and no query")
+
+
+def _networks(values: list[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(value.strip()) for value in values)
 
 
 def _check_regex(value: str) -> None:

@@ -34,6 +34,10 @@ class DigestInvalid(RegistryError):
     status, code = 400, "DIGEST_INVALID"
 
 
+class PathInvalid(RegistryError):
+    status, code = 400, "PATH_INVALID"
+
+
 class UpstreamUnavailable(RegistryError):
     status, code = 502, "UNAVAILABLE"
 

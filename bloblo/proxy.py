@@ -1,4 +1,8 @@
-"""The /v2/ catch-all: registry API calls go upstream; blob GETs go through the blob policy."""
+"""The catch-all: every request goes upstream, blob GETs through the blob policy.
+
+bloblo's own endpoints (/healthz) are answered here and never forwarded; every other path is
+the registry's (issue #6, part 3: token realms and blob redirects live outside /v2/).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,15 @@ from collections.abc import Callable, Iterator
 import requests
 from flask import Blueprint, Request, Response, request
 
-from . import headers
+from . import headers, targets
+from .clients import ENVIRON_KEY, Client
 from .config import Settings
 from .errors import AbortResponse
-from .names import parse_blob_path
 from .upstream import Upstream, release
 
 LOG = logging.getLogger(__name__)
 
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 CHUNK = 1024 * 1024  # large reads: a quarter of the CPU per byte of 64 KiB ones
 Body = Iterator[bytes]
 
@@ -35,29 +39,33 @@ class Forwarder:
         target: str | None = None,
         body: bool = True,
         drop: frozenset[str] = frozenset(),
+        add: headers.Headers = (),
     ) -> requests.Response:
         """Send the client's request upstream (optionally another method, target or no body).
 
-        Headers named in drop (lowercase) are left out. Returns the response, body unread.
+        Headers named in drop (lowercase) are left out, those in add are added. Returns the
+        response, body unread. Raises UpstreamUnavailable or UpstreamTimeout.
         """
-        client_headers = [(n, v) for n, v in req.headers.items() if n.lower() not in drop]
-        upstream_headers = headers.upstream_request_headers(
-            client_headers,
-            client_host=req.host,
-            client_scheme=req.scheme,
-            client_addr=req.remote_addr,
-            preserve_host=self._settings.preserve_host,
-        )
+        upstream_headers = self.upstream_headers(req, drop, add)
         data, length = request_body(req) if body else (None, None)
         return self._upstream.send(
             method or req.method, target or raw_target(req), upstream_headers, data, length
+        )
+
+    def upstream_headers(
+        self, req: Request, drop: frozenset[str] = frozenset(), add: headers.Headers = ()
+    ) -> headers.Headers:
+        """The headers the client's request carries upstream (drop: lowercase names left out)."""
+        client_headers = [(n, v) for n, v in req.headers.items() if n.lower() not in drop]
+        return headers.upstream_request_headers(
+            [*client_headers, *add], client_of(req), preserve_host=self._settings.preserve_host
         )
 
     def respond(
         self, req: Request, upstream: requests.Response, body: Callable[[], Body] | None = None
     ) -> Response:
         """The client's response: the upstream's status and headers, and body() or its raw bytes."""
-        client_base = None if self._settings.preserve_host else f"{req.scheme}://{req.host}"
+        client_base = None if self._settings.preserve_host else client_of(req).base_url
         response_headers = headers.client_response_headers(
             upstream.raw.headers.items(), upstream_url=self._upstream.url, client_base=client_base
         )
@@ -71,6 +79,11 @@ class Forwarder:
     def forward(self, req: Request) -> Response:
         """Pass the request through to the upstream and its answer back to the client."""
         return self.respond(req, self.call(req))
+
+
+def client_of(req: Request) -> Client:
+    """The client behind req (clients.ClientMiddleware put it there)."""
+    return req.environ[ENVIRON_KEY]
 
 
 def raw_target(req: Request) -> str:
@@ -106,21 +119,25 @@ def request_body(req: Request) -> tuple[Body | None, int | None]:
 def create_blueprint(
     forwarder: Forwarder, blob_get: Callable[[Request, object], Response]
 ) -> Blueprint:
-    """The /v2/ routes: blob GETs go to blob_get, everything else to the forwarder."""
-    blueprint = Blueprint("proxy", __name__)
+    """bloblo's own endpoints, then the catch-all: blob GETs go to blob_get, the rest upstream.
 
-    @blueprint.route("/v2/", defaults={"rest": ""}, methods=METHODS)
-    @blueprint.route("/v2/<path:rest>", methods=METHODS)
-    def v2(rest: str) -> Response:
-        """Any registry API call."""
-        blob = parse_blob_path(rest) if request.method == "GET" else None
-        if blob is not None:
-            return blob_get(request, blob)
-        return forwarder.forward(request)
+    Every request target is checked first (targets.route): a hostile one is answered with a
+    registry error and reaches neither the upstream nor S3.
+    """
+    blueprint = Blueprint("proxy", __name__)
 
     @blueprint.route("/healthz")
     def healthz() -> Response:
         """Liveness: the process is up and serving."""
         return Response("ok\n", mimetype="text/plain")
+
+    @blueprint.route("/", defaults={"rest": ""}, methods=METHODS, provide_automatic_options=False)
+    @blueprint.route("/<path:rest>", methods=METHODS, provide_automatic_options=False)
+    def upstream(rest: str) -> Response:
+        """Any other request: the registry's API, its token realm, its redirects."""
+        route = targets.route(raw_target(request), request.method)
+        if route.blob is not None:
+            return blob_get(request, route.blob)
+        return forwarder.forward(request)
 
     return blueprint

@@ -11,6 +11,7 @@ import pytest
 
 from tests.stack.bloblo import BlobloServer
 from tests.stack.dockerd import Dockerd
+from tests.stack.fake_upstream import FakeUpstream, Reply
 from tests.stack.images import (  # noqa: F401 (helpers re-exported for test modules)
     Image,
     assert_same_image,
@@ -120,6 +121,13 @@ def make_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Image]
         return build_image(directory, layers, tag=tag, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def recording_upstream() -> Iterator[FakeUpstream]:
+    """A fake upstream that records every request and answers each with 200 "ok"."""
+    with FakeUpstream(lambda seen: Reply(200, [("Content-Type", "text/plain")], b"ok")) as up:
+        yield up
 
 
 @pytest.fixture

@@ -14,7 +14,14 @@ import psutil
 import pytest
 import requests
 
-from tests.stack.fake_upstream import FakeUpstream, Reply
+from tests.stack.cache import (
+    assert_nothing_published,
+    blob_key,
+    bucket_keys,
+    cached,
+    put_in_cache,
+)
+from tests.stack.fake_upstream import FakeUpstream, Reply, blob_headers, digest_in
 from tests.stack.images import assert_same_image, pull, push, push_big_blob, unique_tag
 from tests.stack.procs import LOOPBACK, local_session, poll
 from tests.stack.regclient import RegistryClient, reading_half_way
@@ -24,34 +31,12 @@ from tests.stack.throttle import Throttle
 MIB = 1024 * 1024
 
 
-def _key(digest: str) -> str:
-    return "blobs/" + digest.replace(":", "/", 1)
-
-
-def _cached(s3: S3Server, bucket: str, digest: str) -> bytes | None:
-    try:
-        return s3.client().get_object(Bucket=bucket, Key=_key(digest))["Body"].read()
-    except s3.client().exceptions.NoSuchKey:
-        return None
-
-
-def _bucket_keys(s3: S3Server, bucket: str) -> list[str]:
-    listing = s3.client().list_objects_v2(Bucket=bucket)
-    return sorted(obj["Key"] for obj in listing.get("Contents", []))
-
-
 def _blob_get_statuses(bloblo, digests) -> dict[str, list[int]]:
     """The statuses bloblo's access log shows for GETs of each blob."""
     log = bloblo.log_text()
     return {
         d: [int(s) for s in re.findall(rf'"GET /v2/\S+/blobs/{d}" (\d+)', log)] for d in digests
     }
-
-
-def _assert_nothing_published(s3: S3Server, bucket: str) -> None:
-    """No object, and no multipart upload left open either."""
-    assert _bucket_keys(s3, bucket) == []
-    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 def _image_blobs(image) -> list[str]:
@@ -63,12 +48,6 @@ def _big_blob_behind_bloblo(registry, start_bloblo, tmp_path, size: int, **env):
     client = RegistryClient(registry.url)
     blob = push_big_blob(client, "team/app", unique_tag(), size, tmp_path)
     return blob, start_bloblo(registry, **env)
-
-
-def _put_in_cache(s3: S3Server, bucket: str, data: bytes) -> str:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    s3.client().put_object(Bucket=bucket, Key=_key(digest), Body=data)
-    return digest
 
 
 # --- hit and miss -----------------------------------------------------------------------------
@@ -84,7 +63,7 @@ def test_first_pull_fills_the_bucket_and_the_second_is_served_from_s3(
 
     assert_same_image(pull(bloblo.host, "team/app", tag, tmp_path / "cold", alice), image)
     for digest in _image_blobs(image):
-        assert poll(lambda d=digest: _cached(s3, bucket, d)) == image.blob_bytes(digest)
+        assert poll(lambda d=digest: cached(s3, bucket, d)) == image.blob_bytes(digest)
     assert all(
         statuses == [200] for statuses in _blob_get_statuses(bloblo, _image_blobs(image)).values()
     )
@@ -116,7 +95,7 @@ def test_the_redirect_is_a_presigned_get_on_the_s3_endpoint(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
     data = b"presigned" * 1000
-    digest = _put_in_cache(s3, bucket, data)
+    digest = put_in_cache(s3, bucket, data)
     _push_raw_blob(plain_registry, data, tmp_path)
     bloblo = start_bloblo(plain_registry)
 
@@ -126,7 +105,7 @@ def test_the_redirect_is_a_presigned_get_on_the_s3_endpoint(
     assert answer.status_code == 307 and answer.content == b""
     assert answer.headers["Docker-Content-Digest"] == digest
     location = answer.headers["Location"]
-    assert location.startswith(f"{s3.endpoint_url}/{bucket}/{_key(digest)}?")
+    assert location.startswith(f"{s3.endpoint_url}/{bucket}/{blob_key(digest)}?")
     assert "X-Amz-Signature=" in location and "X-Amz-Expires=1200" in location
     assert local_session().get(location, timeout=30).content == data
 
@@ -137,7 +116,7 @@ def test_s3_refuses_a_tampered_or_expired_presigned_url(
     if not s3.validates_presigned_urls:
         pytest.skip(f"{s3.kind} does not check presigned URLs; only LocalStack can show this")
     data = b"expiring" * 1000
-    digest = _put_in_cache(s3, bucket, data)
+    digest = put_in_cache(s3, bucket, data)
     _push_raw_blob(plain_registry, data, tmp_path)
     bloblo = start_bloblo(plain_registry, BLOBLO_PRESIGN_EXPIRES="2")
     session = local_session()
@@ -151,7 +130,7 @@ def test_s3_refuses_a_tampered_or_expired_presigned_url(
         location,
     )
     assert session.get(tampered, timeout=30).status_code == 403
-    other_key = location.replace(_key(digest), _key("sha256:" + "0" * 64))
+    other_key = location.replace(blob_key(digest), blob_key("sha256:" + "0" * 64))
     assert session.get(other_key, timeout=30).status_code == 403
     # The same URL, unchanged and good a moment ago, stops working once its 2 s are up.
     assert poll(lambda: session.get(location, timeout=30).status_code == 403, timeout=10)
@@ -208,19 +187,22 @@ def test_a_cached_blob_is_never_redirected_for_a_client_the_upstream_refuses(
 
 def test_authorization_is_asked_on_every_get_unless_a_ttl_is_set(s3, bucket, start_bloblo):
     data = b"ttl" * 1000
-    digest = _put_in_cache(s3, bucket, data)
-    with FakeUpstream(lambda seen: Reply(200, [("Content-Length", str(len(data)))])) as upstream:
+    digest = put_in_cache(s3, bucket, data)
+    with FakeUpstream(lambda seen: Reply(200, blob_headers(digest, len(data)))) as upstream:
         path = f"/v2/team/app/blobs/{digest}"
         session = local_session()
+        alice = {"Authorization": "Bearer alice"}
         default = start_bloblo(upstream.url)
         for _ in range(3):
-            assert session.get(default.url + path, allow_redirects=False).status_code == 307
+            got = session.get(default.url + path, headers=alice, allow_redirects=False)
+            assert got.status_code == 307
         assert sum(seen.method == "HEAD" for seen in upstream.seen) == 3
 
         remembering = start_bloblo(upstream.url, BLOBLO_AUTH_CACHE_TTL="30")
         upstream.seen.clear()
         for _ in range(3):
-            assert session.get(remembering.url + path, allow_redirects=False).status_code == 307
+            got = session.get(remembering.url + path, headers=alice, allow_redirects=False)
+            assert got.status_code == 307
         assert sum(seen.method == "HEAD" for seen in upstream.seen) == 1
         other = session.get(
             remembering.url + path, headers={"Authorization": "Bearer x"}, allow_redirects=False
@@ -231,14 +213,15 @@ def test_authorization_is_asked_on_every_get_unless_a_ttl_is_set(s3, bucket, sta
 
 def test_upstream_connections_are_reused_across_requests(s3, bucket, start_bloblo):
     data = b"reuse" * 1000
-    cached = _put_in_cache(s3, bucket, data)
+    cached = put_in_cache(s3, bucket, data)
     missing = "sha256:" + hashlib.sha256(b"not cached").hexdigest()
 
     def answer(seen):
-        body = (
-            b"" if seen.method == "HEAD" else (b"not cached" if missing in seen.target else b"{}")
-        )
-        return Reply(200, [("Content-Length", str(len(body) or len(data)))], body)
+        if "/blobs/" not in seen.target:
+            return Reply(200, [("Content-Length", "2")], b"{}")
+        body = b"not cached" if missing in seen.target else data
+        headers = blob_headers(digest_in(seen.target), len(body))
+        return Reply(200, headers, b"" if seen.method == "HEAD" else body)
 
     with FakeUpstream(answer) as upstream:
         bloblo = start_bloblo(upstream.url)
@@ -256,7 +239,7 @@ def test_upstream_connections_are_reused_across_requests(s3, bucket, start_blobl
 
 @pytest.mark.parametrize("status", [301, 308, 401, 403, 404, 500])
 def test_only_200_or_a_temporary_redirect_authorizes(status, s3, bucket, start_bloblo):
-    digest = _put_in_cache(s3, bucket, b"guarded" * 100)
+    digest = put_in_cache(s3, bucket, b"guarded" * 100)
     refusal = b'{"errors":[{"code":"DENIED","message":"no"}]}'
 
     def answer(seen):
@@ -314,11 +297,7 @@ def test_an_upstream_that_lies_publishes_nothing_and_the_client_sees_an_error(
     sent = b"w" * len(real) if lie == "wrong bytes" else real[: len(real) // 2]
 
     def answer(seen):
-        return Reply(
-            200,
-            [("Content-Length", str(len(real))), ("Content-Type", "application/octet-stream")],
-            [sent],
-        )
+        return Reply(200, blob_headers(digest, len(real)), [sent])
 
     with FakeUpstream(answer) as upstream:
         bloblo = start_bloblo(upstream.url)
@@ -333,7 +312,7 @@ def test_an_upstream_that_lies_publishes_nothing_and_the_client_sees_an_error(
                 received += chunk
         assert len(received) < len(real)
         assert poll(lambda: "did not publish" in bloblo.log_text())
-    _assert_nothing_published(s3, bucket)
+    assert_nothing_published(s3, bucket)
 
 
 def test_a_client_that_leaves_half_way_publishes_nothing(
@@ -344,7 +323,7 @@ def test_a_client_that_leaves_half_way_publishes_nothing(
     with reading_half_way(LOOPBACK, bloblo.port, path, at_least=20 * MIB):
         pass  # then hang up
     assert poll(lambda: "did not publish" in bloblo.log_text())
-    _assert_nothing_published(s3, bucket)
+    assert_nothing_published(s3, bucket)
 
 
 def test_a_worker_killed_mid_upload_publishes_nothing(
@@ -356,12 +335,12 @@ def test_a_worker_killed_mid_upload_publishes_nothing(
     with reading_half_way(LOOPBACK, bloblo.port, path, at_least=20 * MIB):
         psutil.Process(worker).kill()
     assert poll(lambda: bloblo.worker_pids() and bloblo.worker_pids() != [worker])
-    assert _bucket_keys(s3, bucket) == []  # an unfinished multipart upload is no object
+    assert bucket_keys(s3, bucket) == []  # an unfinished multipart upload is no object
     # The blob is still served, and cached, by the worker gunicorn started in its place.
     assert _sha256_of(local_session(), f"{bloblo.url}/v2/team/app/blobs/{blob.digest}") == (
         blob.digest
     )
-    assert poll(lambda: _bucket_keys(s3, bucket)) == [_key(blob.digest)]
+    assert poll(lambda: bucket_keys(s3, bucket)) == [blob_key(blob.digest)]
 
 
 @pytest.mark.slow
@@ -390,7 +369,7 @@ def test_ten_concurrent_cold_pulls_make_one_upload_and_all_get_the_blob(
     assert results == [(200, blob.digest)] * 10
     assert poll(lambda: f"published {blob.digest}" in bloblo.log_text())
     assert bloblo.log_text().count(f"published {blob.digest}") == 1
-    assert _bucket_keys(s3, bucket) == [_key(blob.digest)]
+    assert bucket_keys(s3, bucket) == [blob_key(blob.digest)]
 
 
 @pytest.mark.slow
@@ -412,7 +391,7 @@ def test_a_blob_of_many_parts_round_trips_with_bounded_memory(
     sampler.start()
     try:
         cold = _sha256_of(session, f"{bloblo.url}/v2/team/app/blobs/{blob.digest}")
-        assert poll(lambda: _bucket_keys(s3, bucket), timeout=60) == [_key(blob.digest)]
+        assert poll(lambda: bucket_keys(s3, bucket), timeout=60) == [blob_key(blob.digest)]
     finally:
         done.set()
         sampler.join()
@@ -488,7 +467,7 @@ def test_a_slow_s3_does_not_slow_the_client_and_still_gets_the_blob(
         assert f"published {blob.digest}" not in bloblo.log_text()
         # ... and the upload, fed from the spool, completes behind it.
         assert poll(lambda: f"published {blob.digest}" in bloblo.log_text(), timeout=60)
-    assert _cached(s3, bucket, blob.digest) == blob.path.read_bytes()
+    assert cached(s3, bucket, blob.digest) == blob.path.read_bytes()
 
 
 def test_a_graceful_stop_lets_uploads_trailing_finished_downloads_complete(
@@ -509,7 +488,7 @@ def test_a_graceful_stop_lets_uploads_trailing_finished_downloads_complete(
         bloblo.process.stop(timeout=60)  # SIGTERM: gunicorn's graceful stop
     assert "waiting up to 20s for 1 S3 uploads" in bloblo.log_text()
     assert f"published {blob.digest}" in bloblo.log_text()
-    assert _bucket_keys(s3, bucket) == [_key(blob.digest)]
+    assert bucket_keys(s3, bucket) == [blob_key(blob.digest)]
 
 
 # --- HEAD, Range, and clients that cannot follow redirects ----------------------------------
@@ -520,7 +499,7 @@ def test_head_is_answered_from_the_upstream_even_for_a_cached_blob(
 ):
     data = b"head" * 5000
     _push_raw_blob(plain_registry, data, tmp_path)
-    digest = _put_in_cache(s3, bucket, data)
+    digest = put_in_cache(s3, bucket, data)
     bloblo = start_bloblo(plain_registry)
     head = local_session().head(f"{bloblo.url}/v2/team/app/blobs/{digest}", timeout=30)
     assert head.status_code == 200
@@ -540,10 +519,10 @@ def test_ranges_go_to_s3_on_a_hit_and_upstream_on_a_miss(
     miss = session.get(url, headers={"Range": "bytes=1000-"}, timeout=30)
     assert (miss.status_code, miss.content) == (206, data[1000:])
     assert miss.headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
-    assert _bucket_keys(s3, bucket) == []  # a partial blob is never cached
+    assert bucket_keys(s3, bucket) == []  # a partial blob is never cached
 
     session.get(url, timeout=30)  # a whole GET fills the cache
-    assert poll(lambda: _bucket_keys(s3, bucket)) == [_key(digest)]
+    assert poll(lambda: bucket_keys(s3, bucket)) == [blob_key(digest)]
     hit = session.get(url, headers={"Range": "bytes=10-99"}, allow_redirects=False, timeout=30)
     assert hit.status_code == 307
     followed = session.get(hit.headers["Location"], headers={"Range": "bytes=10-99"}, timeout=30)
@@ -555,7 +534,7 @@ def test_clients_that_cannot_follow_redirects_get_the_bytes_from_s3(
 ):
     data = b"old-client" * 10_000
     _push_raw_blob(plain_registry, data, tmp_path)
-    digest = _put_in_cache(s3, bucket, data)
+    digest = put_in_cache(s3, bucket, data)
     bloblo = start_bloblo(plain_registry, BLOBLO_STREAM_USER_AGENTS="^ancient-client/")
     url, session = f"{bloblo.url}/v2/team/app/blobs/{digest}", local_session()
 
@@ -573,7 +552,7 @@ def test_the_public_endpoint_is_what_redirects_point_at(
 ):
     data = b"public" * 100
     _push_raw_blob(plain_registry, data, tmp_path)
-    digest = _put_in_cache(s3, bucket, data)
+    digest = put_in_cache(s3, bucket, data)
     public = urlunsplit(urlsplit(s3.endpoint_url)._replace(netloc=f"localhost:{s3.port}"))
     bloblo = start_bloblo(plain_registry, BLOBLO_S3_PUBLIC_ENDPOINT_URL=public)
     answer = local_session().get(

@@ -146,12 +146,6 @@ def test_a_token_for_another_repository_gets_the_upstreams_refusal(
 # --- the HTTP contract, checked where a real registry cannot misbehave on cue ---------------
 
 
-@pytest.fixture
-def recording_upstream():
-    with FakeUpstream(lambda seen: Reply(200, [("Content-Type", "text/plain")], b"ok")) as up:
-        yield up
-
-
 def test_request_line_headers_and_body_reach_the_upstream_as_sent(recording_upstream, start_bloblo):
     bloblo = start_bloblo(recording_upstream.url)
     target = "/v2/library/app/manifests/latest?ns=docker.io&x=a%2Fb%3D&_state=AbC-_%3D%3D"
@@ -259,13 +253,13 @@ def _json_error(response: requests.Response) -> str:
     return response.json()["errors"][0]["code"]
 
 
-def test_unreachable_upstream_is_a_502_in_json_and_the_log_names_it(start_bloblo):
+def test_unreachable_upstream_is_a_502_in_json_and_only_the_log_names_it(start_bloblo):
     dead = f"http://{LOOPBACK}:{free_port()}"
     bloblo = start_bloblo(dead)
     response = local_session().get(f"{bloblo.url}/v2/", timeout=30)
     assert response.status_code == 502
     assert _json_error(response) == "UNAVAILABLE"
-    assert dead in response.json()["errors"][0]["message"]
+    assert dead not in response.text  # the log names the upstream, a client's answer never does
     assert poll(lambda: f"upstream {dead} unreachable" in bloblo.log_text())
 
 
@@ -279,15 +273,6 @@ def test_an_upstream_that_does_not_answer_is_a_504_in_json(start_bloblo):
     assert response.status_code == 504
     assert _json_error(response) == "UNAVAILABLE"
     assert poll(lambda: f"upstream {upstream} timed out" in bloblo.log_text())
-
-
-def test_paths_outside_v2_are_json_404s_and_healthz_answers(recording_upstream, start_bloblo):
-    bloblo = start_bloblo(recording_upstream.url)
-    session = local_session()
-    missing = session.get(f"{bloblo.url}/index.html", timeout=30)
-    assert missing.status_code == 404 and _json_error(missing) == "NOT_FOUND"
-    assert session.get(f"{bloblo.url}/healthz", timeout=30).status_code == 200
-    assert recording_upstream.seen == []
 
 
 def test_a_bad_configuration_stops_startup_naming_the_variable(tmp_path):

@@ -36,6 +36,21 @@ class Reply:
     body: bytes | Iterable[bytes] = b""
 
 
+def blob_headers(digest: str, length: int) -> list[tuple[str, str]]:
+    """The headers a registry sends with a blob (GET or HEAD): a HEAD answered with them is the
+    positive evidence bloblo needs before it serves the blob from its cache."""
+    return [
+        ("Content-Length", str(length)),
+        ("Content-Type", "application/octet-stream"),
+        ("Docker-Content-Digest", digest),
+    ]
+
+
+def digest_in(target: str) -> str:
+    """The digest at the end of a blob request target (/v2/<name>/blobs/<digest>?query)."""
+    return target.split("?", 1)[0].rsplit("/", 1)[-1]
+
+
 class FakeUpstream:
     """Serves on 127.0.0.1:free-port from a thread; `answer(seen) -> Reply` decides each reply."""
 
@@ -110,7 +125,7 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 data += self.rfile.read(size)
                 self.rfile.readline()
 
-        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _serve  # noqa: N815
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve  # noqa: N815
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass

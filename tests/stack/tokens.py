@@ -68,9 +68,16 @@ class TokenIssuer:
         self._thread.start()
         LOG.info("token issuer ready at %s", self.realm)
 
-    def mint(self, subject: str, access: list[dict], lifetime: int = TOKEN_LIFETIME) -> str:
+    def mint(
+        self,
+        subject: str,
+        access: list[dict],
+        lifetime: int = TOKEN_LIFETIME,
+        extra_claims: Mapping[str, object] | None = None,
+    ) -> str:
         """Return a signed token for `subject` granting `access`
-        ([{"type": "repository", "name": ..., "actions": [...]}]), whatever the users allow."""
+        ([{"type": "repository", "name": ..., "actions": [...]}]), whatever the users allow.
+        extra_claims are added as they are (cloud registries' tokens carry many)."""
         now = int(time.time())
         claims = {
             "iss": self.issuer,
@@ -81,6 +88,7 @@ class TokenIssuer:
             "iat": now,
             "jti": uuid.uuid4().hex,
             "access": access,
+            **(extra_claims or {}),
         }
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"x5c": [self._x5c]})
 
