@@ -54,12 +54,21 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms "%(a)s"'
 proc_name = "bloblo"
 
 
-def worker_exit(server, worker):
-    """Let S3 uploads that trail finished downloads complete before the worker goes.
+def on_starting(server):
+    """Say once, in the master, what the operator should change in the configuration."""
+    for notice in _settings.notices:
+        server.log.warning("bloblo: %s", notice)
 
-    At most 20 s: the master kills a worker that stays silent for `timeout` (30 s).
+
+def worker_exit(server, worker):
+    """Let fills finish (their downloads and S3 uploads) before the worker goes, whether or not
+    a client still waits for them (issue #7).
+
+    At most 20 s: the master kills a worker that stays silent for `timeout` (30 s). Fills still
+    running then are dropped: nothing of theirs is published, and the log counts them.
     """
     app = getattr(worker, "wsgi", None)
-    uploads = getattr(app, "extensions", {}).get("bloblo.uploads")
-    if uploads is not None and uploads.drain(timeout=20):
-        server.log.warning("worker %s exits with S3 uploads unfinished: not cached", worker.pid)
+    fills = getattr(app, "extensions", {}).get("bloblo.fills")
+    left = fills.drain(timeout=20) if fills is not None else 0
+    if left:
+        server.log.warning("worker %s exits with %d fills unfinished: not cached", worker.pid, left)

@@ -39,12 +39,18 @@ def curl_download(url: str, headers: Sequence[str] = ()) -> tuple[float, int]:
 
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User plus system CPU seconds used so far by the live processes `pids`."""
-    total = 0.0
+    return sum(cpu_times(pids))
+
+
+def cpu_times(pids: Iterable[int]) -> tuple[float, float]:
+    """User and system CPU seconds used so far by the live processes `pids`."""
+    user = system = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-    return total
+            user += times.user
+            system += times.system
+    return user, system
 
 
 def _rss(pid: int) -> int:
@@ -55,18 +61,20 @@ def _rss(pid: int) -> int:
 
 
 class WorkerWatch:
-    """Within `with`: the CPU seconds `pids` use, and the largest RSS growth of any of them
-    (sampled every `interval` seconds in a thread)."""
+    """Within `with`: the CPU seconds `pids` use (user + system; `system_seconds` the part in
+    the kernel), and the largest RSS growth of any of them (sampled every `interval` seconds in
+    a thread)."""
 
     def __init__(self, pids: Sequence[int], interval: float = 0.01) -> None:
         self.pids = list(pids)
         self.interval = interval
         self.cpu_seconds = 0.0
+        self.system_seconds = 0.0
         self._before = {pid: _rss(pid) for pid in self.pids}
         self._peak = dict(self._before)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
-        self._cpu_before = 0.0
+        self._cpu_before = (0.0, 0.0)
 
     @property
     def rss_growth(self) -> int:
@@ -79,14 +87,16 @@ class WorkerWatch:
                 self._peak[pid] = max(self._peak[pid], _rss(pid))
 
     def __enter__(self) -> WorkerWatch:
-        self._cpu_before = cpu_seconds(self.pids)
+        self._cpu_before = cpu_times(self.pids)
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.cpu_seconds = cpu_seconds(self.pids) - self._cpu_before
+        user, system = cpu_times(self.pids)
+        self.system_seconds = system - self._cpu_before[1]
+        self.cpu_seconds = user - self._cpu_before[0] + self.system_seconds
 
 
 def worker_rows(

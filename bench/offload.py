@@ -41,7 +41,7 @@ USER = ("alice", "bench-password")
 USERS = {USER[0]: {"password": USER[1], "grants": {REPO: ["pull", "push"]}}}
 WORKERS = 2  # bloblo's default on this machine: one per core
 STORE_TIMEOUT = 120.0  # how long to wait for a cache to hold every layer after a cold pull
-# "uncached" is a second bloblo with BLOBLO_MAX_UPLOADS=0: a cold pull without the S3 upload.
+# "uncached" is a second bloblo with BLOBLO_MAX_FILLS=0: a cold pull without the S3 upload.
 PATHS = ("bloblo", "peer", "direct", "uncached")
 CACHES = ("bloblo", "peer")
 
@@ -142,7 +142,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
                 s3.endpoint_url,
                 buckets["uncached"],  # stays empty
                 WORKERS,
-                env={"BLOBLO_MAX_UPLOADS": "0"},
+                env={"BLOBLO_MAX_FILLS": "0"},
             )
         )
         relay = stack.enter_context(RelayServer(workdir / "relay", LOOPBACK, upstream.port))
@@ -272,7 +272,7 @@ def _section(plan: Plan, results: list[RoundResult]) -> Section:
             "token-auth docker-registry and pulls them with skopeo into fresh OCI layouts: cold "
             f"through bloblo ({WORKERS} workers), cold through the peer (docker-registry 2.8 "
             "`proxy:` mode, S3 storage with redirects), directly from the upstream, cold through "
-            "a second bloblo with BLOBLO_MAX_UPLOADS=0; then the two cached ones again (warm, "
+            "a second bloblo with BLOBLO_MAX_FILLS=0; then the two cached ones again (warm, "
             "both 307 to LocalStack). The order rotates; ratios: median of per-round ratios."
         ),
     )

@@ -1,7 +1,7 @@
 """Benchmark 1 (issue #2): bloblo as a pure streaming proxy against the registry it fronts.
 
 A plain docker-registry holds one big blob. bloblo runs in front of it with
-BLOBLO_MAX_UPLOADS=0, so it only streams: HEAD upstream, then GET upstream copied to the client.
+BLOBLO_MAX_FILLS=0, so it only streams: HEAD upstream, then GET upstream copied to the client.
 Each round downloads the blob with curl directly, through bloblo, and through a bare TCP relay
 in Python (the cost of the extra hop alone), back to back, the order rotating; the ratio of each
 round's throughputs is the figure that counts. One unmeasured download per path comes first.
@@ -67,7 +67,7 @@ def run(workdir: Path, quick: bool = False) -> Section:
                 s3.endpoint_url,
                 bucket,
                 workers=1,
-                env={"BLOBLO_MAX_UPLOADS": "0"},
+                env={"BLOBLO_MAX_FILLS": "0"},
             )
         )
         relay = stack.enter_context(RelayServer(workdir / "relay", LOOPBACK, registry.port))
@@ -114,7 +114,7 @@ def _section(plan: Plan, results: list[RoundResult]) -> Section:
         title="proxy: bloblo as a pure streaming proxy (issue #2)",
         setup=(
             f"One {plan.size / MIB:,.0f} MiB blob in a plain docker-registry; bloblo (1 gevent "
-            "worker, BLOBLO_MAX_UPLOADS=0) in front. Each of "
+            "worker, BLOBLO_MAX_FILLS=0) in front. Each of "
             f"{plan.rounds} rounds GETs the blob with curl directly, through bloblo and through a "
             "bare TCP relay (Python, gevent, 1 MiB recv_into/sendall), back to back, the order "
             "rotating. Ratios: median of the per-round ratios."

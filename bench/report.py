@@ -9,12 +9,18 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-_COMPARE = {"<=": (operator.le, "≤"), ">=": (operator.ge, "≥")}
+_COMPARE = {
+    "<": (operator.lt, "<"),
+    "<=": (operator.le, "≤"),
+    ">": (operator.gt, ">"),
+    ">=": (operator.ge, "≥"),
+}
 
 
 @dataclass(frozen=True)
 class Target:
-    """A goal for a figure: `op` ("<=" or ">=") `limit`; `stretch` marks a nice-to-have."""
+    """A goal for a figure: `op` ("<", "<=", ">" or ">=") `limit`; `stretch` marks a
+    nice-to-have."""
 
     op: str
     limit: float

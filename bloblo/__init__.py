@@ -10,9 +10,9 @@ from .blobs import BlobPolicy
 from .clients import ClientMiddleware
 from .config import Settings, load_settings
 from .errors import install_error_handlers
+from .fills import Fills
 from .proxy import Forwarder, create_blueprint
 from .storage import BlobStore
-from .uploads import Uploads
 from .upstream import Upstream
 
 __all__ = ["create_app"]
@@ -25,10 +25,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = Upstream(settings)
     forwarder = Forwarder(settings, upstream)
     store = BlobStore(settings)
-    uploads = Uploads(
-        store, settings.max_uploads, settings.upload_buffer_bytes, settings.upload_stall_seconds
-    )
-    blobs = BlobPolicy(settings, forwarder, upstream, store, uploads)
+    fills = Fills(settings, store)
+    blobs = BlobPolicy(settings, forwarder, upstream, store, fills)
 
     app = Flask(__name__, static_folder=None)  # every path is the registry's
     # Every path is the registry's: no slash merging or trailing-slash redirects of Flask's own.
@@ -36,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.strict_slashes = False
     app.wsgi_app = ClientMiddleware(app.wsgi_app, settings.trusted_proxies)
     app.config["BLOBLO_SETTINGS"] = settings
-    app.extensions["bloblo.uploads"] = uploads  # gunicorn.conf.py drains it on worker exit
+    app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit
     app.register_blueprint(create_blueprint(forwarder, blobs.get))
     install_error_handlers(app)
     logging.getLogger(__name__).info(

@@ -11,15 +11,15 @@ import time
 
 import requests
 from flask import Request, Response
+from werkzeug.http import parse_range_header
 
 from .clients import in_networks
 from .config import Settings
+from .fills import Fill, Fills
 from .grants import Grants
 from .names import BlobRef
-from .proxy import CHUNK, Forwarder, client_of, raw_body, raw_target
+from .proxy import CHUNK, Forwarder, client_of, raw_target
 from .storage import BlobStore
-from .tee import verified_stream
-from .uploads import Uploads
 from .upstream import Upstream, release
 
 LOG = logging.getLogger(__name__)
@@ -30,6 +30,11 @@ MAX_SAME_ORIGIN_HOPS = 3  # redirects of the HEAD followed within the upstream (
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A blob bloblo verifies and caches must arrive as its plain bytes (issue #6, part 2).
 _IDENTITY = [("Accept-Encoding", "identity")]
+# A fill asks for the whole blob, whatever its first client asked for (issue #7).
+_CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+_NOT_IN_FILL = _NOT_IN_HEAD | {"accept-encoding"}
+# What a response from a fill sets itself; the rest of the upstream's headers pass.
+_SET_PER_RESPONSE = frozenset({"content-length", "content-range"})
 
 
 class BlobPolicy:
@@ -41,14 +46,14 @@ class BlobPolicy:
         forwarder: Forwarder,
         upstream: Upstream,
         store: BlobStore,
-        uploads: Uploads,
+        fills: Fills,
         clock=time.monotonic,
     ):
         self._settings = settings
         self._forwarder = forwarder
         self._upstream = upstream
         self._store = store
-        self._uploads = uploads
+        self._fills = fills
         self._grants = Grants(settings.auth_cache_ttl, clock)
         self._digest_missing = False  # the upstream's HEADs lack Docker-Content-Digest (logged)
 
@@ -60,10 +65,8 @@ class BlobPolicy:
         """
         target = raw_target(req)
         if not self._authorized(req, blob, target):
-            return self._forwarder.respond(
-                req, self._forwarder.call(req, target=target, body=False)
-            )
-        if self._store.contains(blob.digest):
+            return self._uncached(req, target)
+        if self._fills.running(blob.digest) is None and self._store.contains(blob.digest):
             response = self._from_cache(req, blob)
             if response is not None:
                 return response
@@ -75,7 +78,8 @@ class BlobPolicy:
         key = self._grants.key(head_headers, client_of(req), target)
         if self._grants.allows(key):
             return True
-        answer = self._head(req, target)
+        answer = self._follow(req, "HEAD", target, drop=_NOT_IN_HEAD)
+        release(answer)
         if answer.status_code != 200:
             return False
         if "Docker-Content-Digest" not in answer.headers:
@@ -87,21 +91,30 @@ class BlobPolicy:
         self._grants.grant(key)
         return True
 
-    def _head(self, req: Request, target: str) -> requests.Response:
-        """The upstream's final answer to the client's HEAD, following redirects that stay at
-        the upstream (same scheme, host and port) with the client's credentials."""
-        for _ in range(MAX_SAME_ORIGIN_HOPS + 1):
+    def _follow(
+        self,
+        req: Request,
+        method: str,
+        target: str,
+        drop: frozenset[str],
+        add: list[tuple[str, str]] = (),
+    ) -> requests.Response:
+        """The upstream's final answer to the client's request (no body), following redirects
+        that stay at the upstream (same scheme, host and port) with the client's credentials,
+        at most MAX_SAME_ORIGIN_HOPS; a redirect elsewhere, or one hop too many, is the answer."""
+        for hop in range(MAX_SAME_ORIGIN_HOPS + 1):
             answer = self._forwarder.call(
-                req, method="HEAD", target=target, body=False, drop=_NOT_IN_HEAD
+                req, method=method, target=target, body=False, drop=drop, add=add
             )
-            release(answer)
             location = answer.headers.get("Location")
             if answer.status_code not in _REDIRECTS or location is None:
                 return answer
-            target = self._upstream.same_origin_target(location, target)
-            if target is None:  # elsewhere: that answer does not describe this blob
+            following = self._upstream.same_origin_target(location, target)
+            if following is None or hop == MAX_SAME_ORIGIN_HOPS:
                 return answer
-        return answer  # still redirected after the last hop: not an answer about the blob
+            release(answer)
+            target = following
+        raise AssertionError("unreachable")
 
     def _note_digest_missing(self, missing: bool) -> None:
         """Log once, when it starts, that the upstream's blob HEADs carry no digest."""
@@ -152,30 +165,67 @@ class BlobPolicy:
         return response
 
     def _from_upstream(self, req: Request, blob: BlobRef, target: str) -> Response:
-        """Stream the blob from upstream, verified, and cache it on the way when it is whole.
+        """A miss: join the fill of this blob, start one, or pass the upstream's answer on.
 
-        A whole-blob GET asks for the plain bytes; an answer that is still encoded (or ranged,
-        or anything but a 200) is passed on byte for byte, never verified, never cached.
+        A fill asks for the whole blob in plain bytes, following redirects that stay at the
+        upstream; an answer that is not a 200 of known length in plain bytes is passed to the
+        client byte for byte, never verified, never cached (issues #6, #7).
         """
-        ranged = "Range" in req.headers
-        upstream = self._forwarder.call(
-            req,
-            target=target,
-            body=False,
-            drop=frozenset() if ranged else frozenset({"accept-encoding"}),
-            add=[] if ranged else _IDENTITY,
-        )
-        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-        if upstream.status_code != 200 or ranged or encoding != "identity":
+        if any(name in req.headers for name in _CONDITIONAL):
+            return self._uncached(req, target)
+        fill = self._fills.running(blob.digest)
+        if fill is not None:  # a joiner: its own HEAD authorized it already
+            if fill.wait_started(self._settings.upstream_read_timeout):
+                return self._from_fill(req, fill, target)
+            return self._uncached(req, target)
+        fill = self._fills.reserve(blob.digest)
+        if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
+            return self._uncached(req, target)
+        try:
+            upstream = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=_IDENTITY)
+        except Exception:
+            fill.cancel()
+            raise
+        size = _plain_length(upstream)
+        if size is None or not fill.begin(upstream, size, upstream.raw.headers.items()):
+            fill.cancel()
+            if "Range" in req.headers:  # that answer was to a whole-blob GET, not the client's
+                release(upstream)
+                return self._uncached(req, target)
             return self._forwarder.respond(req, upstream)
-        length = upstream.headers.get("Content-Length")
-        size = int(length) if length and length.isdigit() else None
+        return self._from_fill(req, fill, target)
 
-        def body():
-            feed = self._uploads.start(blob.digest, size)
-            if feed is None:  # not cached: clients check the digest of what they receive
-                yield from raw_body(upstream)
-            else:  # hashed on the way: only a verified blob is published (issue #3)
-                yield from verified_stream(raw_body(upstream), blob.digest, size, feed)
+    def _from_fill(self, req: Request, fill: Fill, target: str) -> Response:
+        """The blob, or the range asked for, from a fill, as the upstream would answer it."""
+        headers = [(n, v) for n, v in fill.headers if n.lower() not in _SET_PER_RESPONSE]
+        start, stop, status = 0, fill.size, 200
+        if "Range" in req.headers:
+            span = _single_range(req.headers["Range"], fill.size)
+            if span is None:  # several ranges, or none satisfiable: the upstream answers
+                return self._uncached(req, target)
+            (start, stop), status = span, 206
+            headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{fill.size}"))
+        headers.append(("Content-Length", str(stop - start)))
+        reader = fill.reader(start, stop, hold_tail=status == 200)
+        return self._forwarder.answer(req, status, headers, reader)
 
-        return self._forwarder.respond(req, upstream, body)
+    def _uncached(self, req: Request, target: str) -> Response:
+        """The upstream's own answer to the client's GET, passed through (clients verify it)."""
+        return self._forwarder.respond(req, self._forwarder.call(req, target=target, body=False))
+
+
+def _plain_length(upstream: requests.Response) -> int | None:
+    """The length of a 200 that carries the blob's plain bytes, else None."""
+    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    length = upstream.headers.get("Content-Length", "")
+    if upstream.status_code != 200 or encoding != "identity" or not length.isdigit():
+        return None
+    return int(length)
+
+
+def _single_range(value: str, size: int) -> tuple[int, int] | None:
+    """(start, stop) of a Range header naming one satisfiable byte range of size bytes."""
+    parsed = parse_range_header(value)
+    if parsed is None or len(parsed.ranges) != 1:
+        return None
+    return parsed.range_for_length(size)

@@ -51,9 +51,10 @@ class Settings:
 
     presign_expires: int = 1200
     auth_cache_ttl: float = 0.0
-    max_uploads: int = 4
-    upload_buffer_bytes: int = 1024 * 1024 * 1024
-    upload_stall_seconds: float = 3.0
+    spool_dir: str | None = None  # None: the temporary directory
+    spool_max_bytes: int = 10 * 1024 * 1024 * 1024  # per worker
+    max_fills: int = 8  # per worker; 0 turns caching off
+    fill_deadline_seconds: float = 3600.0
     stream_user_agents: re.Pattern[str] | None = None
     stream_networks: tuple[Network, ...] = ()
     # Load balancers whose X-Forwarded-* headers are believed (issue #6, part 4).
@@ -61,6 +62,8 @@ class Settings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    # What an operator should know about the configuration (retired settings): logged once.
+    notices: tuple[str, ...] = ()
 
 
 def load_settings() -> Settings:
@@ -126,15 +129,25 @@ def _read(env: environs.Env) -> dict:
             0.0,
             validate=Range(min=0, max=MAX_AUTH_CACHE_TTL, error="expected seconds, 0 to {max}"),
         ),
-        "max_uploads": env.int(
-            "MAX_UPLOADS", 4, validate=Range(min=0, max=1000, error="expected 0 to {max}")
+        "spool_dir": env.str("SPOOL_DIR", None, validate=_check_directory),
+        "spool_max_mb": env.int(
+            "SPOOL_MAX_MB",
+            10 * 1024,
+            validate=Range(min=0, max=1024 * 1024 * 1024, error="expected MiB, 0 to {max}"),
         ),
-        "buffer_mb": env.int(
-            "UPLOAD_BUFFER_MB",
-            1024,
-            validate=Range(min=1, max=1024 * 1024, error="expected MiB, 1 to {max}"),
+        "max_fills": env.int(
+            "MAX_FILLS",
+            None,
+            validate=Range(min=0, max=1000, error="expected fills per worker, 0 to {max}"),
         ),
-        "stall": env.float("UPLOAD_STALL_SECONDS", 3.0, validate=seconds),
+        "max_uploads": env.int(  # retired: the old name of MAX_FILLS
+            "MAX_UPLOADS", None, validate=Range(min=0, max=1000, error="expected 0 to {max}")
+        ),
+        "fill_deadline": env.float(
+            "FILL_DEADLINE_SECONDS",
+            3600.0,
+            validate=Range(min=0.1, max=7 * 24 * 3600, error="expected seconds, {min} to {max}"),
+        ),
         "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
         "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
         "trusted_proxies": env.list(
@@ -166,13 +179,38 @@ def _settings(raw: dict) -> Settings:
         s3_secret_key="test" if localstack else None,
         presign_expires=raw["presign_expires"],
         auth_cache_ttl=raw["auth_cache_ttl"],
-        max_uploads=raw["max_uploads"],
-        upload_buffer_bytes=raw["buffer_mb"] * 1024 * 1024,
-        upload_stall_seconds=raw["stall"],
+        spool_dir=raw["spool_dir"],
+        spool_max_bytes=raw["spool_max_mb"] * 1024 * 1024,
+        max_fills=_first_set(raw["max_fills"], raw["max_uploads"], Settings.max_fills),
+        fill_deadline_seconds=raw["fill_deadline"],
         stream_user_agents=re.compile(raw["user_agents"]) if raw["user_agents"] else None,
         stream_networks=_networks(raw["networks"]),
         trusted_proxies=_networks(raw["trusted_proxies"]),
+        notices=tuple(_retired()),
     )
+
+
+# Settings retired by issue #7 (fills), and what replaced them.
+RETIRED = {
+    "BLOBLO_MAX_UPLOADS": "renamed BLOBLO_MAX_FILLS (fills per worker); its value is used "
+    "unless BLOBLO_MAX_FILLS is set",
+    "BLOBLO_UPLOAD_BUFFER_MB": "no longer used: a fill spools the whole blob, within "
+    "BLOBLO_SPOOL_MAX_MB per worker",
+    "BLOBLO_UPLOAD_STALL_SECONDS": "no longer used: a slow client or a slow S3 never holds "
+    "a fill back; BLOBLO_FILL_DEADLINE_SECONDS bounds a fill",
+}
+
+
+def _retired() -> list[str]:
+    return [
+        f"{name} is retired: {what}. See the README's upgrade notes."
+        for name, what in RETIRED.items()
+        if name in os.environ  # .env's values are in the environment by now
+    ]
+
+
+def _first_set(*values):
+    return next(value for value in values if value is not None)
 
 
 def parse_listen_addr(value: str) -> tuple[str, int]:
@@ -207,6 +245,11 @@ def _check_url(value: str | None) -> None:
 
 def _networks(values: list[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(value.strip()) for value in values)
+
+
+def _check_directory(value: str | None) -> None:
+    if value is not None and not os.path.isdir(value):
+        raise ValidationError("expected an existing directory")
 
 
 def _check_regex(value: str) -> None:

@@ -7,7 +7,7 @@ the registry's (issue #6, part 3: token realms and blob redirects live outside /
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import requests
 from flask import Blueprint, Request, Response, request
@@ -16,6 +16,7 @@ from . import headers, targets
 from .clients import ENVIRON_KEY, Client
 from .config import Settings
 from .errors import AbortResponse
+from .loop import cooperative
 from .upstream import Upstream, release
 
 LOG = logging.getLogger(__name__)
@@ -61,19 +62,29 @@ class Forwarder:
             [*client_headers, *add], client_of(req), preserve_host=self._settings.preserve_host
         )
 
-    def respond(
-        self, req: Request, upstream: requests.Response, body: Callable[[], Body] | None = None
+    def respond(self, req: Request, upstream: requests.Response) -> Response:
+        """The client's response: the upstream's status, headers and raw bytes."""
+        response = self.answer(
+            req, upstream.status_code, upstream.raw.headers.items(), raw_body(upstream)
+        )
+        response.call_on_close(lambda: release(upstream))  # also when the body never started
+        return response
+
+    def answer(
+        self,
+        req: Request,
+        status: int,
+        upstream_headers: Iterable[tuple[str, str]],
+        body: Iterable[bytes],
     ) -> Response:
-        """The client's response: the upstream's status and headers, and body() or its raw bytes."""
+        """A response to the client with the upstream's headers (URLs moved to bloblo)."""
         client_base = None if self._settings.preserve_host else client_of(req).base_url
         response_headers = headers.client_response_headers(
-            upstream.raw.headers.items(), upstream_url=self._upstream.url, client_base=client_base
+            upstream_headers, upstream_url=self._upstream.url, client_base=client_base
         )
-        stream = body() if body else raw_body(upstream)
-        response = Response(stream, status=upstream.status_code, headers=response_headers)
+        response = Response(body, status=status, headers=response_headers)
         if not any(name.lower() == "content-type" for name, _ in response_headers):
             del response.headers["Content-Type"]  # Flask adds text/html by default
-        response.call_on_close(lambda: release(upstream))  # also when the body never started
         return response
 
     def forward(self, req: Request) -> Response:
@@ -98,7 +109,7 @@ def raw_target(req: Request) -> str:
 def raw_body(upstream: requests.Response) -> Body:
     """The upstream's body as sent: not decoded, not buffered. Cut short if the upstream fails."""
     try:
-        yield from upstream.raw.stream(CHUNK, decode_content=False)
+        yield from cooperative(upstream.raw.stream(CHUNK, decode_content=False))
     except Exception as exc:  # urllib3's ProtocolError, timeouts, resets
         LOG.warning("upstream body broke off: %s", exc)
         raise AbortResponse("upstream body broke off") from None
@@ -113,7 +124,7 @@ def request_body(req: Request) -> tuple[Body | None, int | None]:
         return None, None  # no body at all
     if length == 0:
         return None, 0
-    return iter(lambda: req.stream.read(CHUNK), b""), length
+    return cooperative(iter(lambda: req.stream.read(CHUNK), b"")), length
 
 
 def create_blueprint(

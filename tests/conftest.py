@@ -134,13 +134,18 @@ def recording_upstream() -> Iterator[FakeUpstream]:
 def start_bloblo(
     tmp_path_factory: pytest.TempPathFactory, s3: S3Server, bucket: str
 ) -> Iterator[Callable[..., BlobloServer]]:
-    """Factory: start_bloblo(registry, workers=1, bucket_name=None, **env) starts bloblo in
-    front of `registry` (a Registry or a URL), caching in this test's `bucket` unless another
-    is named, with extra environment `env`; all of them stop at teardown."""
+    """Factory: start_bloblo(registry, workers=1, bucket_name=None, command_prefix=(), **env)
+    starts bloblo in front of `registry` (a Registry or a URL), caching in this test's `bucket`
+    unless another is named, with extra environment `env` (and gunicorn run through
+    command_prefix, e.g. limits.file_size_limit()); all of them stop at teardown."""
     servers: list[BlobloServer] = []
 
     def start(
-        registry, workers: int = 1, bucket_name: str | None = None, **env: str
+        registry,
+        workers: int = 1,
+        bucket_name: str | None = None,
+        command_prefix: Sequence[str] = (),
+        **env: str,
     ) -> BlobloServer:
         server = BlobloServer(
             tmp_path_factory.mktemp("bloblo"),
@@ -149,6 +154,7 @@ def start_bloblo(
             bucket=bucket_name or bucket,
             workers=workers,
             env=env,
+            command_prefix=command_prefix,
         )
         servers.append(server)
         return server

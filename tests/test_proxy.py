@@ -317,12 +317,11 @@ def test_a_client_that_disconnects_mid_blob_leaves_no_upstream_connection(
     blob = push_big_blob(
         RegistryClient(plain_registry.url), "team/app", unique_tag(), 64 * MIB, tmp_path
     )
-    bloblo = start_bloblo(plain_registry)
+    bloblo = start_bloblo(plain_registry, BLOBLO_MAX_FILLS="0")  # streamed, not filled
     path = f"/v2/team/app/blobs/{blob.digest}"
     with reading_half_way(LOOPBACK, bloblo.port, path, at_least=4 * MIB):
         assert _upstream_connections(bloblo, plain_registry.port)  # the transfer is under way
     assert poll(lambda: not _upstream_connections(bloblo, plain_registry.port))
-    assert poll(lambda: "did not publish" in bloblo.log_text())
 
 
 @pytest.mark.slow
@@ -332,7 +331,7 @@ def test_a_1_gib_blob_streams_through_with_bounded_worker_memory(
     blob = push_big_blob(
         RegistryClient(plain_registry.url), "team/app", unique_tag(), 1024 * MIB, tmp_path
     )
-    bloblo = start_bloblo(plain_registry, BLOBLO_MAX_UPLOADS="0")  # the proxy path alone
+    bloblo = start_bloblo(plain_registry, BLOBLO_MAX_FILLS="0")  # the proxy path alone
     session = local_session()
     session.get(f"{bloblo.url}/v2/", timeout=30)  # warm the worker up
     (worker,) = bloblo.worker_pids()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -48,7 +48,9 @@ def bloblo_env(
 
 class BlobloServer(ProcessServer):
     """A running bloblo (gunicorn master + `workers` gevent workers) on 127.0.0.1:free-port,
-    proxying `upstream_url` and caching blobs in `bucket` at `s3_endpoint_url`."""
+    proxying `upstream_url` and caching blobs in `bucket` at `s3_endpoint_url`. gunicorn runs
+    as `command_prefix + [gunicorn, ...]` (e.g. limits.file_size_limit(); the prefix must exec
+    it, so that the PID stopped is gunicorn's)."""
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class BlobloServer(ProcessServer):
         workers: int = 1,
         env: Mapping[str, str] | None = None,
         app_dir: Path = REPO,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         home = self.workdir / "home"
@@ -69,7 +72,7 @@ class BlobloServer(ProcessServer):
         self.upstream_url = upstream_url
         self.bucket = bucket
         self.process = Process(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+            [*command_prefix, str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
             self.workdir / "bloblo.log",
             env=bloblo_env(
                 self.port, upstream_url, s3_endpoint_url, bucket, workers, home, env or {}

@@ -1,68 +1,53 @@
-"""The feed from tee to upload: whole reads, a clean end only when finished, a slow upload
-spooled to disk instead of slowing the client, and a bounded wait when it falls too far behind."""
+"""The pipe from a fill to its upload, and the reader S3 takes its bytes from: whole reads, a
+clean end only when finished and verified at the last boundary (issue #7)."""
 
-import time
+import hashlib
 
 import gevent
 import pytest
 
-from bloblo.uploads import Feed, Pipe, UploadAborted
+from bloblo.names import Digest
+from bloblo.uploads import Pipe, UploadAborted, VerifiedReader
 
 MIB = 1024 * 1024
 
 
-def _feed(buffer_bytes=64 * MIB, stall_seconds=5.0):
-    pipe = Pipe()
-    return pipe, Feed(pipe, buffer_bytes, stall_seconds)
-
-
-def _write_all(feed, data, chunk=MIB):
+def _write_all(pipe, data, chunk=64 * 1024, finish=True):
     for i in range(0, len(data), chunk):
-        feed.write(data[i : i + chunk])
+        pipe.write(memoryview(data[i : i + chunk]))
+    if finish:
+        pipe.finish()
 
 
-def _read_all(pipe, size=MIB):
+def _read_all(reader, size=MIB):
     parts = []
-    while part := pipe.read(size):
+    while part := reader.read(size):
         parts.append(part)
     return parts
 
 
-def test_read_returns_whole_parts_until_the_verified_end():
-    pipe, feed = _feed()
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+def test_read_returns_whole_parts_until_the_end():
+    pipe = Pipe()
     data = bytes(range(256)) * 20_000  # 5 MB, more than the pipe holds
-
-    def writer():
-        _write_all(feed, data, chunk=64 * 1024)
-        feed.finish()
-
-    gevent.spawn(writer)
+    gevent.spawn(_write_all, pipe, data)
     parts = _read_all(pipe, 1_000_000)
     assert [len(p) for p in parts[:-1]] == [1_000_000] * (len(parts) - 1)
     assert b"".join(parts) == data
 
 
 def test_read_all_for_a_single_put():
-    pipe, feed = _feed()
-    feed.write(b"small blob")
-    feed.finish()
+    pipe = Pipe()
+    _write_all(pipe, b"small blob")
     assert pipe.read() == b"small blob"
 
 
-def test_a_slow_upload_never_holds_the_writer_back_and_gets_every_byte_in_order():
-    pipe, feed = _feed()
-    data = bytes(range(256)) * (64 * 1024)  # 16 MiB, sixteen times the pipe
-    started = time.monotonic()
-    _write_all(feed, data)  # nobody reads yet: all but the pipe's share goes to the spool
-    feed.finish()
-    assert time.monotonic() - started < 5  # it did not wait for a reader
-    assert b"".join(_read_all(pipe)) == data
-
-
 def test_an_aborted_stream_raises_instead_of_ending():
-    pipe, feed = _feed()
-    _write_all(feed, b"a" * (4 * MIB))
-    feed.abort("test")
+    pipe = Pipe()
+    gevent.spawn(lambda: (_write_all(pipe, b"a" * (4 * MIB), finish=False), pipe.abort("test")))
     with pytest.raises(UploadAborted, match="test"):
         _read_all(pipe)
 
@@ -75,31 +60,40 @@ def test_a_writer_that_vanishes_without_finishing_is_not_a_clean_end():
         pipe.read(100)
 
 
-def test_an_upload_that_falls_too_far_behind_is_dropped_after_the_stall_time():
-    pipe, feed = _feed(buffer_bytes=2 * MIB, stall_seconds=0.3)
-    started = time.monotonic()
-    _write_all(feed, b"s" * (16 * MIB))  # nobody reads: the spool fills, then the upload goes
-    assert time.monotonic() - started < 10  # without the stall bound it would hang
-    assert "stalled" in pipe.abort_reason
-    with pytest.raises(UploadAborted):
-        pipe.read(10)
-
-
 def test_a_reader_that_closes_early_releases_the_writer():
-    pipe, feed = _feed(buffer_bytes=2 * MIB, stall_seconds=30)
+    pipe = Pipe()
     pipe.close()
-    _write_all(feed, b"x" * (8 * MIB))
+    _write_all(pipe, b"x" * (4 * MIB), finish=False)
     assert pipe.abort_reason == "the S3 upload ended early"
 
 
-def test_a_spool_that_cannot_be_written_drops_the_upload_not_the_stream(monkeypatch):
-    pipe, feed = _feed()
+def test_s3_gets_a_clean_end_only_for_the_blob_itself():
+    data = bytes(range(256)) * 40_000
+    pipe = Pipe()
+    gevent.spawn(_write_all, pipe, data)
+    reader = VerifiedReader(pipe, _digest(data), len(data))
+    assert b"".join(_read_all(reader, 8 * MIB)) == data
 
-    def disk_full(*args):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("bloblo.uploads.os.pwrite", disk_full)
-    _write_all(feed, b"d" * (4 * MIB))  # more than the pipe: it must spool, and cannot
-    assert "No space left" in pipe.abort_reason
+@pytest.mark.parametrize(
+    ("sent", "why"),
+    [
+        (b"w" * 3_000_000, "hashing to"),
+        (b"r" * 2_999_999, "2999999 bytes of 3000000"),
+        (b"r" * 3_000_001, "3000001 bytes of 3000000"),
+    ],
+)
+def test_s3_never_gets_a_clean_end_for_other_bytes(sent, why):
+    real = b"r" * 3_000_000
+    pipe = Pipe()
+    gevent.spawn(_write_all, pipe, sent)
+    reader = VerifiedReader(pipe, _digest(real), len(real))
+    with pytest.raises(UploadAborted, match=why):
+        _read_all(reader, MIB)
+
+
+def test_a_single_put_read_is_verified_too():
+    pipe = Pipe()
+    _write_all(pipe, b"not the blob")
     with pytest.raises(UploadAborted):
-        _read_all(pipe)
+        VerifiedReader(pipe, _digest(b"the blob...."), 12).read()

@@ -1,0 +1,154 @@
+"""A fill on its own: one download feeds every reader and a verified upload; anything that goes
+wrong on the way publishes nothing and ends every reader with a short read (issue #7)."""
+
+import hashlib
+
+import gevent
+import pytest
+
+from bloblo.config import Settings
+from bloblo.errors import AbortResponse
+from bloblo.fills import Fills
+from bloblo.names import Digest
+from bloblo.spool import Spool, SpoolError
+
+MIB = 1024 * 1024
+DATA = bytes(range(256)) * (12 * 4096)  # 12 MiB
+
+
+class FakeRaw:
+    """An upstream body: chunks, optionally cut short."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self.closed = False
+        self.length_remaining = 0
+
+    def stream(self, size, decode_content=False):
+        for chunk in self._chunks:
+            gevent.sleep(0)
+            yield chunk
+
+    def release_conn(self):
+        pass
+
+    def drain_conn(self):
+        pass
+
+
+class FakeResponse:
+    def __init__(self, chunks):
+        self.raw = FakeRaw(chunks)
+
+    def close(self):
+        pass
+
+
+class RecordingStore:
+    """Stands in for S3: reads what the upload is given, as boto3 would, and keeps it only if
+    the reader ended cleanly."""
+
+    def __init__(self):
+        self.published: dict[str, bytes] = {}
+
+    def available(self):
+        return True
+
+    def upload(self, reader, digest, size):
+        parts = []
+        while part := reader.read(8 * MIB):
+            parts.append(part)
+        self.published[str(digest)] = b"".join(parts)
+
+    def report_failure(self, exc):
+        raise AssertionError(exc)
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+def _fill(tmp_path, store, chunks, digest=None, **settings):
+    fills = Fills(Settings(spool_dir=str(tmp_path), **settings), store)
+    fill = fills.reserve(digest or _digest(DATA))
+    assert fill.begin(FakeResponse(chunks), len(DATA), [("Content-Type", "x")])
+    return fills, fill
+
+
+def _chunks(data=DATA, size=MIB):
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def _read(reader) -> bytes:
+    try:
+        return b"".join(reader)
+    finally:
+        reader.close()
+
+
+def test_every_reader_gets_the_blob_and_it_is_published_once(tmp_path):
+    store = RecordingStore()
+    fills, fill = _fill(tmp_path, store, _chunks())
+    readers = [gevent.spawn(_read, fill.reader(0, len(DATA), hold_tail=True)) for _ in range(3)]
+    ranged = gevent.spawn(_read, fill.reader(5 * MIB, 7 * MIB, hold_tail=False))
+    gevent.joinall([*readers, ranged], raise_error=True)
+    assert [r.value for r in readers] == [DATA] * 3
+    assert ranged.value == DATA[5 * MIB : 7 * MIB]
+    fill.done.wait(10)
+    assert store.published == {str(fill.digest): DATA}
+    assert fills.in_progress() == 0 and fills.budget.used == 0
+
+
+def test_a_wrong_blob_reaches_readers_short_and_is_not_published(tmp_path):
+    store = RecordingStore()
+    wrong = DATA[:-1] + b"!"
+    _, fill = _fill(tmp_path, store, _chunks(wrong))
+    got = bytearray()
+    with pytest.raises(AbortResponse):
+        for chunk in fill.reader(0, len(DATA), hold_tail=True):
+            got += chunk
+    assert len(got) < len(DATA)  # the tail was held back
+    fill.done.wait(10)
+    assert store.published == {} and fill.result == "digest_mismatch"
+
+
+def test_an_upstream_that_breaks_off_publishes_nothing(tmp_path):
+    store = RecordingStore()
+    _, fill = _fill(tmp_path, store, _chunks()[:5])
+    with pytest.raises(AbortResponse):
+        _read(fill.reader(0, len(DATA), hold_tail=True))
+    fill.done.wait(10)
+    assert store.published == {} and "bytes of" in fill.broken
+
+
+@pytest.mark.parametrize("fault", ["write", "read"])
+def test_a_spool_that_fails_publishes_nothing_and_hangs_nobody(fault, tmp_path, monkeypatch):
+    real = {"write": Spool.append, "read": Spool.read}[fault]
+    calls = []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) >= 4:  # from then on: a disk that went bad
+            raise SpoolError(5, "Input/output error")
+        return real(self, *args)
+
+    monkeypatch.setattr(Spool, {"write": "append", "read": "read"}[fault], failing)
+    store = RecordingStore()
+    _, fill = _fill(tmp_path, store, _chunks())
+    reader = gevent.spawn(_read, fill.reader(0, len(DATA), hold_tail=True))
+    reader.join(10)
+    assert reader.ready()  # nobody hangs
+    fill.done.wait(10)
+    assert fill.done.is_set()
+    assert store.published == {}
+    assert reader.exception is not None or reader.value == DATA  # right bytes, or a short read
+
+
+def test_the_spool_budget_and_the_fill_cap_say_no_instead_of_waiting(tmp_path):
+    fills = Fills(Settings(spool_dir=str(tmp_path), spool_max_bytes=MIB, max_fills=1), None)
+    fill = fills.reserve(_digest(b"a"))
+    assert fills.reserve(_digest(b"b")) is None  # the cap
+    assert fills.reserve(_digest(b"a")) is None  # one per digest
+    assert not fill.begin(FakeResponse([]), 2 * MIB, [])  # larger than the budget
+    fill.cancel()
+    assert fills.in_progress() == 0 and fills.reserve(_digest(b"b")) is not None
