@@ -31,10 +31,32 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A blob bloblo verifies and caches must arrive as its plain bytes (issue #6, part 2).
 _IDENTITY = [("Accept-Encoding", "identity")]
 # A fill asks for the whole blob, whatever its first client asked for (issue #7).
-_CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+_CONDITIONAL = (
+    "If-Match",
+    "If-None-Match",
+    "If-Modified-Since",
+    "If-Unmodified-Since",
+    "If-Range",
+)
 _NOT_IN_FILL = _NOT_IN_HEAD | {"accept-encoding"}
-# What a response from a fill sets itself; the rest of the upstream's headers pass.
+# What a response from a fill sets itself; the rest of the upstream's headers pass to the client
+# that started the fill. A joiner gets only what describes the blob: never the starter's
+# Set-Cookie or anything else about the starter's session.
 _SET_PER_RESPONSE = frozenset({"content-length", "content-range"})
+_ABOUT_THE_BLOB = frozenset(
+    {
+        "content-type",
+        "docker-content-digest",
+        "docker-distribution-api-version",
+        "etag",
+        "accept-ranges",
+        "cache-control",
+        "last-modified",
+    }
+)
+# A client that takes no bytes for this long while a fill serves it is cut off, so that it
+# cannot hold the fill's spool (and its share of BLOBLO_SPOOL_MAX_MB) forever.
+CLIENT_STALL_SECONDS = 60.0
 
 
 class BlobPolicy:
@@ -176,14 +198,14 @@ class BlobPolicy:
         fill = self._fills.running(blob.digest)
         if fill is not None:  # a joiner: its own HEAD authorized it already
             if fill.wait_started(self._settings.upstream_read_timeout):
-                return self._from_fill(req, fill, target)
+                return self._from_fill(req, fill, target, joiner=True)
             return self._uncached(req, target)
         fill = self._fills.reserve(blob.digest)
         if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
             return self._uncached(req, target)
         try:
             upstream = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=_IDENTITY)
-        except Exception:
+        except BaseException:  # also GreenletExit: joiners must not wait for it
             fill.cancel()
             raise
         size = _plain_length(upstream)
@@ -193,11 +215,16 @@ class BlobPolicy:
                 release(upstream)
                 return self._uncached(req, target)
             return self._forwarder.respond(req, upstream)
-        return self._from_fill(req, fill, target)
+        return self._from_fill(req, fill, target, joiner=False)
 
-    def _from_fill(self, req: Request, fill: Fill, target: str) -> Response:
+    def _from_fill(self, req: Request, fill: Fill, target: str, joiner: bool) -> Response:
         """The blob, or the range asked for, from a fill, as the upstream would answer it."""
-        headers = [(n, v) for n, v in fill.headers if n.lower() not in _SET_PER_RESPONSE]
+        headers = [
+            (name, value)
+            for name, value in fill.headers
+            if name.lower() not in _SET_PER_RESPONSE
+            and (not joiner or name.lower() in _ABOUT_THE_BLOB)
+        ]
         start, stop, status = 0, fill.size, 200
         if "Range" in req.headers:
             span = _single_range(req.headers["Range"], fill.size)
@@ -207,6 +234,9 @@ class BlobPolicy:
             headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{fill.size}"))
         headers.append(("Content-Length", str(stop - start)))
         reader = fill.reader(start, stop, hold_tail=status == 200)
+        client_socket = req.environ.get("gunicorn.socket")
+        if client_socket is not None:
+            client_socket.settimeout(CLIENT_STALL_SECONDS)
         return self._forwarder.answer(req, status, headers, reader)
 
     def _uncached(self, req: Request, target: str) -> Response:

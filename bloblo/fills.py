@@ -103,21 +103,21 @@ class Fill:
 
     def _run(self, response: requests.Response) -> None:
         started = time.monotonic()
-        upload = gevent.spawn(self._upload) if self._owner.store.available() else None
         try:
             with gevent.Timeout(self._owner.deadline, FillBroken("the fill deadline passed")):
-                self._download(response)
-                if upload is not None:
-                    upload.join()
+                try:
+                    self._download(response)
+                finally:
+                    release(response)
+                # Only now: while the download runs, its clients have the worker's CPU to
+                # themselves (an upload alongside made a cold pull twice as slow, issue #7).
+                if self._owner.store.available():
+                    self._upload()
         except (FillBroken, SpoolError, requests.RequestException, OSError) as exc:
             self._break(str(exc) or type(exc).__name__)
         except Exception as exc:  # urllib3's ProtocolError and kin: the upstream broke off
             self._break(f"{type(exc).__name__}: {exc}")
         finally:
-            release(response)
-            if upload is not None:
-                upload.join(timeout=10)  # when the fill broke, the pump aborts the upload
-                upload.kill()
             self._owner.forget(self)
             self.result = self.result or ("aborted" if self.broken else "verified")
             LOG.info(
@@ -148,12 +148,14 @@ class Fill:
         self._notify()
 
     def _break(self, reason: str) -> None:
+        """The fill failed: no client joins it any more, its readers get a short read."""
         self.broken = reason
+        self._owner.forget(self)
         LOG.warning("fill of %s broke off: %s", self.digest, reason)
         self._notify()
 
     def _upload(self) -> None:
-        """Upload the spool as it grows; S3 completes it only for the verified blob."""
+        """Upload the verified spool; S3 completes it only if what it received is the blob."""
         pipe = Pipe()
         pump = gevent.spawn(self._pump, pipe)
         store = self._owner.store
@@ -162,32 +164,26 @@ class Fill:
             self.result = "published"
             LOG.info("published %s to S3", self.digest)
         except UploadAborted as exc:
-            self.result = self.result or "aborted"
+            self.result = "aborted"
             LOG.info("did not publish %s: %s", self.digest, exc)
         except Exception as exc:
             self.result = "failed"
             store.report_failure(exc)
             LOG.warning("S3 upload of %s failed, the blob stays uncached: %s", self.digest, exc)
-        finally:
+        finally:  # also when the deadline passes: a pipe closed unfinished aborts the upload
             pump.kill()
             pipe.close()
 
     def _pump(self, pipe: Pipe) -> None:
-        """Move spooled bytes into the pipe, in order, as fast as the upload reads them."""
-        position = 0
+        """Move the spooled blob into the pipe, in order, as fast as the upload reads it."""
+        position, turns = 0, Turns()
         try:
-            while pipe.open:
-                progress = self._progress
-                if position < self.spool.written:
-                    count = min(CHUNK, self.spool.written - position)
-                    pipe.write(memoryview(self.spool.read(position, count)))
-                    position += count
-                elif self.verified:
-                    pipe.finish()
-                elif self.broken:
-                    pipe.abort(self.broken)
-                else:
-                    progress.wait()
+            while pipe.open and position < self.size:
+                count = min(CHUNK, self.size - position)
+                pipe.write(memoryview(self.spool.read(position, count)))
+                position += count
+                turns.give()
+            pipe.finish()
         except SpoolError as exc:
             LOG.error("cannot read the spool of %s for S3: %s", self.digest, exc)
             pipe.abort(str(exc))
@@ -232,6 +228,10 @@ class FillReader:
                 raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
             else:
                 progress.wait()
+        while self._hold_tail and not (fill.verified or fill.broken):  # an empty blob
+            fill._progress.wait()
+        if self._hold_tail and not fill.verified:
+            raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
 
     def close(self) -> None:
         """Done reading (safe to call more than once)."""

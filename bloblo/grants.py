@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 
-from .clients import Client, is_forwarding_header
+from .clients import Client
 
 # Headers that say nothing about who asks: left out of the key, and alone they are no credentials.
 NO_IDENTITY = frozenset(
@@ -18,19 +18,27 @@ NO_IDENTITY = frozenset(
         "user-agent",
         "cache-control",
         "pragma",
+        "via",
         "x-request-id",
+        "x-correlation-id",
+        "x-amzn-trace-id",
+        "x-cloud-trace-context",
         "traceparent",
         "tracestate",
+        "b3",
         "host",
         "content-length",
         "content-type",
     }
 )
+_NO_IDENTITY_PREFIXES = ("accept", "x-b3-", "x-datadog-")
+# A request carries credentials when it has one of these; only such a request is remembered.
+CREDENTIALS = frozenset({"authorization", "cookie"})
 MAX_REMEMBERED = 10_000  # beyond it, expired entries are swept out
 
 
 def _carries_no_identity(name: str) -> bool:
-    return name in NO_IDENTITY or name.startswith("accept")
+    return name in NO_IDENTITY or name.startswith(_NO_IDENTITY_PREFIXES)
 
 
 class Grants:
@@ -54,7 +62,7 @@ class Grants:
             for name, value in upstream_headers
             if not _carries_no_identity(name.lower())
         )
-        if not any(not is_forwarding_header(name) for name, _ in identity):
+        if not any(name in CREDENTIALS for name, _ in identity):
             return None  # anonymous: the upstream's answer may change at any time
         material = [client.address, target, *(f"{n}: {v}" for n, v in identity)]
         return hashlib.sha256("\0".join(material).encode("utf-8", "surrogateescape")).digest()

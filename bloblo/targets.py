@@ -53,6 +53,9 @@ def check_target(raw_target: str) -> str:
     detail = {"path": path}
     if not path.startswith("/"):
         raise PathInvalid("the request target must be a path starting with '/'", detail)
+    if "#" in raw_target:  # origin-form has no fragment; some servers keep what follows it
+        refusal = NameInvalid if path.startswith(V2) else PathInvalid
+        raise refusal("a fragment is refused in a request target", detail)
     registry_api = path.startswith(V2)
     if any(piece.split(";", 1)[0] in _DOT_SEGMENTS for piece in unquote(path).split("/")):
         refusal = NameInvalid if registry_api else PathInvalid

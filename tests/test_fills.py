@@ -436,3 +436,65 @@ def test_healthz_is_answered_while_a_big_cold_blob_streams_to_a_fast_client(
         f"/healthz answered {health['answered_at'] - stream.last_byte_at:.2f} s after the "
         "stream's last byte: the worker's event loop starved"
     )
+
+
+# --- what the review of the fills found -------------------------------------------------------
+
+
+def _slow_blob_upstream(data: bytes, digest: str, first_get_breaks: bool = False):
+    """A fake upstream: HEAD 200 with the digest for anyone with credentials; GET sends the blob
+    in 1 MiB chunks, 50 ms apart, with a Set-Cookie for that client; the first GET breaks off
+    half-way when asked to."""
+    gets = []
+
+    def answer(seen):
+        if not seen.header_values("Authorization"):
+            return Reply(401, [("Content-Type", "application/json")], b'{"errors":[]}')
+        if seen.method == "HEAD":
+            return Reply(200, blob_headers(digest, len(data)))
+        gets.append(seen)
+        cut = len(data) // 2 if first_get_breaks and len(gets) == 1 else len(data)
+
+        def body():
+            for i in range(0, cut, MIB):
+                time.sleep(0.05)
+                yield data[i : min(i + MIB, cut)]
+
+        cookie = ("Set-Cookie", f"session={seen.header_values('Authorization')[0][-5:]}")
+        return Reply(200, [*blob_headers(digest, len(data)), cookie], body())
+
+    return answer, gets
+
+
+def test_a_joiner_never_gets_the_starters_session_cookie(s3, bucket, start_bloblo):
+    data = os.urandom(8 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    answer, gets = _slow_blob_upstream(data, digest)
+    with FakeUpstream(answer) as upstream:
+        bloblo = start_bloblo(upstream.url)
+        url = bloblo.url + _path(digest)
+        with local_session() as alice, local_session() as bob:
+            first = alice.get(url, headers={"Authorization": "Bearer alice"}, stream=True)
+            assert first.headers["Set-Cookie"] == "session=alice"
+            joined = bob.get(url, headers={"Authorization": "Bearer bob"}, timeout=30)
+            assert (joined.status_code, joined.content) == (200, data)
+            assert "Set-Cookie" not in joined.headers
+            assert joined.headers["Docker-Content-Digest"] == digest
+            assert first.raw.read() == data
+    assert len(gets) == 1
+
+
+def test_a_fill_that_broke_is_not_joined_and_the_retry_fills_afresh(s3, bucket, start_bloblo):
+    data = os.urandom(8 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    answer, gets = _slow_blob_upstream(data, digest, first_get_breaks=True)
+    with FakeUpstream(answer) as upstream:
+        bloblo = start_bloblo(upstream.url)
+        headers = {"Authorization": "Bearer alice"}
+        first = fetch(bloblo.url + _path(digest), headers=headers)
+        assert first.short_read  # a visible short read, never a complete wrong blob
+        with local_session() as session:
+            retry = session.get(bloblo.url + _path(digest), headers=headers, timeout=30)
+        assert (retry.status_code, retry.content) == (200, data)
+    assert len(gets) == 2
+    assert poll(lambda: _in_bucket(s3, bucket, digest), timeout=30)

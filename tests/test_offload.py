@@ -311,7 +311,12 @@ def test_an_upstream_that_lies_publishes_nothing_and_the_client_sees_an_error(
             for chunk in response.iter_content(MIB):
                 received += chunk
         assert len(received) < len(real)
-        assert poll(lambda: "did not publish" in bloblo.log_text())
+        assert poll(
+            lambda: (
+                f"fill of {digest}: digest_mismatch" in bloblo.log_text()
+                or f"fill of {digest}: aborted" in bloblo.log_text()
+            )
+        )
     assert_nothing_published(s3, bucket)
 
 

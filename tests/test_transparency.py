@@ -246,6 +246,7 @@ def test_a_12_kb_bearer_token_and_a_long_request_line_pass(
         ("/v2/team/app/blobs/sha256:" + "a" * 60 + "%2fabc", "DIGEST_INVALID"),
         ("/service/../../etc/passwd", "PATH_INVALID"),
         ("/static/%2E%2E/secret?x=1", "PATH_INVALID"),
+        ("/v2/team/app/blobs/sha256:" + "a" * 64 + "#/../../admin", "NAME_INVALID"),
     ],
 )
 def test_hostile_paths_get_a_registry_error_and_reach_nothing(

@@ -49,6 +49,8 @@ def test_dot_segments_elsewhere_are_path_invalid(dots, template):
         ("/.", PathInvalid),
         ("/v2%2f..", PathInvalid),  # not under /v2/ as sent, and the decoded path has '..'
         ("/v2/x/..#/y", NameInvalid),  # the fragment is dropped: the upstream would see /v2/x/..
+        ("/v2/team/app/manifests/x#/../..", NameInvalid),  # some servers keep what follows '#'
+        ("/service/x#/../admin", PathInvalid),
     ],
 )
 def test_dot_segments_at_either_end(target, error):
@@ -97,7 +99,6 @@ def test_the_detail_names_the_path_and_never_the_query():
         ("/v2/team/app/blobs/uploads/uuid", True),
         ("/v2/team/app/blobs/uploads/uuid?_state=a%2Fb..&digest=sha256%3Ax", True),
         ("/v2/team/app/tags/list?n=10&last=..", True),
-        ("/v2/team/app/manifests/x#/../..", True),  # the fragment never reaches the upstream
         ("/v2/team/app/manifests/a..b", True),
         ("/v2/team/app/manifests/...", True),
         ("/v2/", True),
@@ -164,6 +165,7 @@ def check(target: str, method: str) -> None:
             assert secret not in repr(exc.detail) + exc.message
         return
     decoded = unquote(path)
+    assert "#" not in target, f"a fragment let through: {target!r}"
     assert path.startswith("/")
     assert not {".", ".."} & set(decoded.split("/")), f"dot segment let through: {target!r}"
     assert result.registry_api == path.startswith("/v2/")
@@ -240,5 +242,5 @@ def test_every_spelling_of_a_valid_blob_get_names_that_blob(data):
         "sha256", data.draw(st.text(alphabet="0123456789abcdef", min_size=64, max_size=64))
     )
     target = "/v2/" + data.draw(encoded(f"{name}/blobs/{digest}"))
-    query = data.draw(st.sampled_from(QUERIES))
+    query = data.draw(st.sampled_from([q for q in QUERIES if "#" not in q]))
     assert route(target + query, "GET") == Route(registry_api=True, blob=BlobRef(name, digest))
