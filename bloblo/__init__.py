@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask
 
+from . import health
 from .blobs import BlobPolicy
 from .clients import ClientMiddleware
 from .config import Settings, load_settings
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.wsgi_app = ClientMiddleware(app.wsgi_app, settings.trusted_proxies)
     app.config["BLOBLO_SETTINGS"] = settings
     app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit
+    app.register_blueprint(health.create_blueprint(health.Health(upstream, store)))
     app.register_blueprint(create_blueprint(forwarder, blobs.get))
     install_error_handlers(app)
     logging.getLogger(__name__).info(

@@ -1,7 +1,8 @@
 """The catch-all: every request goes upstream, blob GETs through the blob policy.
 
-bloblo's own endpoints (/healthz) are answered here and never forwarded; every other path is
-the registry's (issue #6, part 3: token realms and blob redirects live outside /v2/).
+bloblo's own endpoints (health.py) are registered before this catch-all and never forwarded;
+every other path is the registry's (issue #6, part 3: token realms and blob redirects live
+outside /v2/).
 """
 
 from __future__ import annotations
@@ -130,17 +131,12 @@ def request_body(req: Request) -> tuple[Body | None, int | None]:
 def create_blueprint(
     forwarder: Forwarder, blob_get: Callable[[Request, object], Response]
 ) -> Blueprint:
-    """bloblo's own endpoints, then the catch-all: blob GETs go to blob_get, the rest upstream.
+    """The catch-all: blob GETs go to blob_get, the rest upstream.
 
     Every request target is checked first (targets.route): a hostile one is answered with a
     registry error and reaches neither the upstream nor S3.
     """
     blueprint = Blueprint("proxy", __name__)
-
-    @blueprint.route("/healthz")
-    def healthz() -> Response:
-        """Liveness: the process is up and serving."""
-        return Response("ok\n", mimetype="text/plain")
 
     @blueprint.route("/", defaults={"rest": ""}, methods=METHODS, provide_automatic_options=False)
     @blueprint.route("/<path:rest>", methods=METHODS, provide_automatic_options=False)

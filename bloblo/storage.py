@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import boto3
+import gevent
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -148,6 +149,23 @@ class BlobStore:
             del self._known[key]
             return False
         return True
+
+    def probe(self, timeout: float) -> str | None:
+        """None when the bucket answers a HEAD within timeout seconds, else what went wrong
+        (with the operator's hint). For health checks: it does not mark S3 unavailable."""
+        try:
+            with gevent.Timeout(timeout):
+                self._client.head_bucket(Bucket=self._bucket)
+        except gevent.Timeout:
+            return f"no answer from S3 in {timeout:g}s"
+        except (ClientError, BotoCoreError) as exc:
+            code = (
+                exc.response.get("Error", {}).get("Code")
+                if isinstance(exc, ClientError)
+                else type(exc).__name__
+            )
+            return f"{exc}" + (f": {_HINTS[code]}" if code in _HINTS else "")
+        return None
 
     def presigned_url(self, digest: Digest) -> str:
         """A SigV4 URL that GETs the blob, valid for BLOBLO_PRESIGN_EXPIRES seconds."""

@@ -72,12 +72,14 @@ class Upstream:
         headers: Iterable[tuple[str, str]],
         body: Iterable[bytes] | None = None,
         content_length: int | None = None,
+        timeout: float | None = None,
     ) -> requests.Response:
         """Send `method target` upstream and return the response with its body unread.
 
         target is the request path and query, passed byte for byte. A body with a known
-        content_length is sent as is, one without as chunked. Raises UpstreamUnavailable when
-        the registry cannot be reached and UpstreamTimeout when it does not answer in time.
+        content_length is sent as is, one without as chunked. timeout (seconds) replaces the
+        configured connect and read timeouts. Raises UpstreamUnavailable when the registry
+        cannot be reached and UpstreamTimeout when it does not answer in time.
         """
         prepared = requests.Request(method, self.url, data=body).prepare()
         prepared.url = self.url + "/"  # where to connect: the target itself goes raw, below
@@ -93,7 +95,7 @@ class Upstream:
         elif body is not None:
             prepared.headers["Transfer-Encoding"] = "chunked"
         try:
-            return self._adapter.send(prepared, stream=True, timeout=self._timeout)
+            return self._adapter.send(prepared, stream=True, timeout=timeout or self._timeout)
         except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
             LOG.warning(
                 "upstream %s timed out on %s %s: %s", self.url, method, _path(target), _reason(exc)
