@@ -132,12 +132,20 @@ class Fill:
             self._close_if_unused()
 
     def _download(self, response: requests.Response) -> None:
-        hasher, turns = self.digest.hasher(), Turns()
+        """Spool and hash the upstream's bytes. Both run in gevent's threadpool (a native
+        thread: pwrite and hashlib let go of the GIL), one chunk at a time, while this greenlet
+        receives the next: on 2 cores the copy to disk and the hash no longer hold the loop."""
+        hasher, turns, pool = self.digest.hasher(), Turns(), gevent.get_hub().threadpool
+        pending = None
         for chunk in response.raw.stream(CHUNK, decode_content=False):
-            self.spool.append(chunk)
-            hasher.update(chunk)
-            self._notify()
+            if pending is not None:
+                pending.get()  # raises the spool's error, if any
+                self._notify()
+            pending = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
             turns.give()
+        if pending is not None:
+            pending.get()
+            self._notify()
         if self.spool.written != self.size:
             raise FillBroken(f"the upstream sent {self.spool.written} bytes of {self.size}")
         if hasher.hexdigest() != self.digest.hex:
@@ -195,6 +203,11 @@ class Fill:
     def _close_if_unused(self) -> None:
         if self.done.is_set() and self._readers == 0 and self.spool is not None:
             self.spool.close()
+
+
+def _spool_and_hash(spool: Spool, hasher, chunk: bytes) -> None:
+    spool.append(chunk)
+    hasher.update(chunk)
 
 
 class FillReader:
