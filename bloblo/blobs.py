@@ -24,20 +24,15 @@ from .upstream import Upstream, release
 
 LOG = logging.getLogger(__name__)
 
-# Conditional and range headers change what a HEAD answers; authorization must not depend on them.
-_NOT_IN_HEAD = frozenset({"range", "if-range", "if-match", "if-none-match", "if-modified-since"})
 MAX_SAME_ORIGIN_HOPS = 3  # redirects of the HEAD followed within the upstream (issue #6, part 1)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A blob bloblo verifies and caches must arrive as its plain bytes (issue #6, part 2).
 _IDENTITY = [("Accept-Encoding", "identity")]
-# A fill asks for the whole blob, whatever its first client asked for (issue #7).
-_CONDITIONAL = (
-    "If-Match",
-    "If-None-Match",
-    "If-Modified-Since",
-    "If-Unmodified-Since",
-    "If-Range",
-)
+# Conditional requests pass through to the upstream; a fill serves plain GETs (issue #7).
+_CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range")
+# Conditional and range headers change what a HEAD answers; authorization must not depend on
+# them. A fill asks for the whole blob, whatever its first client asked for.
+_NOT_IN_HEAD = frozenset({"range", *(name.lower() for name in _CONDITIONAL)})
 _NOT_IN_FILL = _NOT_IN_HEAD | {"accept-encoding"}
 # What a response from a fill sets itself; the rest of the upstream's headers pass to the client
 # that started the fill. A joiner gets only what describes the blob: never the starter's

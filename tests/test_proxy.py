@@ -5,14 +5,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import socket
-import subprocess
 import threading
 
 import psutil
 import pytest
 import requests
 
-from tests.stack.bloblo import GUNICORN, REPO, bloblo_env
+from tests.stack.bloblo import try_start
 from tests.stack.fake_upstream import FakeUpstream, Reply
 from tests.stack.images import assert_same_image, pull, push, push_big_blob, unique_tag
 from tests.stack.procs import LOOPBACK, free_port, local_session, poll
@@ -276,23 +275,7 @@ def test_an_upstream_that_does_not_answer_is_a_504_in_json(start_bloblo):
 
 
 def test_a_bad_configuration_stops_startup_naming_the_variable(tmp_path):
-    env = bloblo_env(
-        free_port(),
-        "http://127.0.0.1:1",
-        "http://127.0.0.1:1",
-        "b-u-c",
-        1,
-        tmp_path,
-        {"BLOBLO_PRESERVE_HOST": "maybe"},
-    )
-    result = subprocess.run(
-        [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = try_start(tmp_path, "http://127.0.0.1:1", {"BLOBLO_PRESERVE_HOST": "maybe"})
     assert result.returncode != 0
     assert "BLOBLO_PRESERVE_HOST" in result.stderr and "Traceback" not in result.stderr
 

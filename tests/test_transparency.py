@@ -8,15 +8,14 @@ import hashlib
 import json
 import re
 import socket
-import subprocess
 
 import pytest
 
-from tests.stack.bloblo import GUNICORN, REPO, bloblo_env
+from tests.stack.bloblo import try_start
 from tests.stack.cache import put_in_cache
 from tests.stack.fake_upstream import FakeUpstream, Reply, blob_headers
 from tests.stack.images import push, unique_tag
-from tests.stack.procs import LOOPBACK, free_port, local_session
+from tests.stack.procs import LOOPBACK, local_session
 from tests.stack.regclient import MANIFEST_ACCEPT, RegistryClient
 
 BALANCER = "127.0.0.2"  # a load balancer on another host, as far as bloblo can tell
@@ -276,23 +275,7 @@ def test_paths_flask_would_redirect_get_the_registrys_answer(plain_registry, sta
 
 
 def test_an_upstream_url_with_credentials_is_refused_without_repeating_them(tmp_path):
-    env = bloblo_env(
-        free_port(),
-        "http://deploy:s3cr3t-value@127.0.0.1:1",
-        "http://127.0.0.1:1",
-        "b-u-c",
-        1,
-        tmp_path,
-        {},
-    )
-    result = subprocess.run(
-        [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = try_start(tmp_path, "http://deploy:s3cr3t-value@127.0.0.1:1", {})
     assert result.returncode != 0
     assert "BLOBLO_UPSTREAM_URL" in result.stderr and "credentials" in result.stderr
     assert "s3cr3t-value" not in result.stderr + result.stdout

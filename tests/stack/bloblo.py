@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def bloblo_env(
     )
     env.update(extra)
     return env
+
+
+def try_start(
+    workdir: Path, upstream_url: str, env: Mapping[str, str]
+) -> subprocess.CompletedProcess:
+    """Start gunicorn with bloblo's configuration once, for a start-up expected to fail (a bad
+    configuration): the completed process, its exit code, stdout and stderr."""
+    return subprocess.run(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=REPO,
+        env=bloblo_env(free_port(), upstream_url, "http://127.0.0.1:1", "b-u-c", 1, workdir, env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class BlobloServer(ProcessServer):
