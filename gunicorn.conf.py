@@ -30,6 +30,9 @@ bind = [
     f"[{_host}]:{_settings.listen_port}" if ":" in _host else f"{_host}:{_settings.listen_port}"
 ]
 workers = _settings.workers
+# HTTPS on bloblo's own port (issue #8): docker refuses plain HTTP outside loopback.
+certfile = _settings.tls_cert
+keyfile = _settings.tls_key
 worker_class = "gevent"
 worker_connections = 1000
 preload_app = False  # each worker imports the app after gevent has patched it

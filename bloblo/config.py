@@ -62,6 +62,8 @@ class Settings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    tls_cert: str | None = None  # PEM certificate (chain) bloblo serves HTTPS with
+    tls_key: str | None = field(default=None, repr=False)
     # What an operator should know about the configuration (retired settings): logged once.
     notices: tuple[str, ...] = ()
 
@@ -83,6 +85,11 @@ def load_settings() -> Settings:
             f"{name}: {' '.join(msgs)}" for name, msgs in exc.error_messages.items()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
+    if (raw["tls_cert"] is None) != (raw["tls_key"] is None):
+        raise ConfigError(
+            "invalid configuration: BLOBLO_TLS_CERT and BLOBLO_TLS_KEY go together: set both "
+            "to serve HTTPS, or neither"
+        )
     return _settings(raw)
 
 
@@ -150,6 +157,8 @@ def _read(env: environs.Env) -> dict:
         ),
         "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
         "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
+        "tls_cert": env.str("TLS_CERT", None, validate=_check_readable),
+        "tls_key": env.str("TLS_KEY", None, validate=_check_readable),
         "trusted_proxies": env.list(
             "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, validate=_check_networks
         ),
@@ -187,6 +196,8 @@ def _settings(raw: dict) -> Settings:
         stream_networks=_networks(raw["networks"]),
         trusted_proxies=_networks(raw["trusted_proxies"]),
         notices=tuple(_retired()),
+        tls_cert=raw["tls_cert"],
+        tls_key=raw["tls_key"],
     )
 
 
@@ -245,6 +256,11 @@ def _check_url(value: str | None) -> None:
 
 def _networks(values: list[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(value.strip()) for value in values)
+
+
+def _check_readable(value: str | None) -> None:
+    if value is not None and not os.access(value, os.R_OK):
+        raise ValidationError("expected a readable PEM file")
 
 
 def _check_directory(value: str | None) -> None:

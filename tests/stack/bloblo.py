@@ -84,7 +84,8 @@ class BlobloServer(ProcessServer):
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host = f"{LOOPBACK}:{self.port}"
-        self.url = f"http://{self.host}"
+        tls = "BLOBLO_TLS_CERT" in (env or {})
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.upstream_url = upstream_url
         self.bucket = bucket
         self.process = Process(
@@ -98,7 +99,10 @@ class BlobloServer(ProcessServer):
         )
         self.start_seconds = self._ready_or_stop(
             lambda: self.process.wait_http(
-                f"{self.url}/healthz", ok=lambda resp: resp.status_code == 200, timeout=60
+                f"{self.url}/healthz",
+                ok=lambda resp: resp.status_code == 200,
+                timeout=60,
+                verify=not tls,  # readiness only: the tests check the certificate themselves
             )
         )
         LOG.info("bloblo ready at %s in %.2f s", self.url, self.start_seconds)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Protocol, Self, TypeVar
 
 import psutil
 import requests
+import urllib3
 
 LOG = logging.getLogger(__name__)
 
@@ -178,14 +180,19 @@ class Process:
         url: str,
         ok: Callable[[requests.Response], bool] = lambda resp: resp.status_code < 500,
         timeout: float = 30.0,
+        verify: bool = True,
     ) -> float:
-        """Wait until GET `url` answers and `ok(response)` is true; return seconds since start."""
+        """Wait until GET `url` answers and `ok(response)` is true; return seconds since start.
+        verify=False accepts any TLS certificate."""
         session = local_session()
+        session.verify = verify
 
         def ready() -> bool:
             try:
-                with session.get(url, timeout=2, allow_redirects=False) as resp:
-                    return ok(resp)
+                with warnings.catch_warnings():  # verify=False is deliberate
+                    warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                    with session.get(url, timeout=2, allow_redirects=False) as resp:
+                        return ok(resp)
             except requests.RequestException:
                 return False
 
