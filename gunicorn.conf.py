@@ -10,16 +10,17 @@ import pathlib
 import sys
 
 
-def _load_config_module():
-    path = pathlib.Path(__file__).resolve().with_name("bloblo") / "config.py"
-    spec = importlib.util.spec_from_file_location("bloblo_settings", path)
+def _load(name: str):
+    """bloblo/<name>.py, loaded by path: importing the package would import ssl before gevent."""
+    path = pathlib.Path(__file__).resolve().with_name("bloblo") / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bloblo_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
 
-_config = _load_config_module()
+_config = _load("config")
 try:
     _settings = _config.load_settings()
 except _config.ConfigError as exc:
@@ -50,6 +51,7 @@ forwarded_allow_ips = ",".join(str(network) for network in _settings.trusted_pro
 # past 10 KB (distribution takes header fields up to 1 MiB). 0 would fall back to 8190 here.
 limit_request_field_size = 64 * 1024
 limit_request_line = 8190  # gunicorn's maximum
+logger_class = _load("logs").BlobloLogger
 accesslog = "-"
 errorlog = "-"
 # Paths without query strings: those carry signed upload state (and, at some registries, tokens).
