@@ -51,7 +51,7 @@ forwarded_allow_ips = ",".join(str(network) for network in _settings.trusted_pro
 # past 10 KB (distribution takes header fields up to 1 MiB). 0 would fall back to 8190 here.
 limit_request_field_size = 64 * 1024
 limit_request_line = 8190  # gunicorn's maximum
-logger_class = _load("logs").BlobloLogger
+logger_class = _load("logs").logger_class(_settings.log_format)
 accesslog = "-"
 errorlog = "-"
 # Paths without query strings: those carry signed upload state (and, at some registries, tokens).

@@ -13,6 +13,7 @@ from .config import Settings, load_settings
 from .errors import install_error_handlers
 from .fills import Fills
 from .proxy import Forwarder, create_blueprint
+from .request_ids import RequestIds
 from .storage import BlobStore
 from .upstream import Upstream
 
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Every path is the registry's: no slash merging or trailing-slash redirects of Flask's own.
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.wsgi_app = ClientMiddleware(app.wsgi_app, settings.trusted_proxies)
+    app.wsgi_app = RequestIds(ClientMiddleware(app.wsgi_app, settings.trusted_proxies))
     app.config["BLOBLO_SETTINGS"] = settings
     app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit
     app.register_blueprint(health.create_blueprint(health.Health(upstream, store)))

@@ -17,6 +17,7 @@ from .clients import in_networks
 from .config import Settings
 from .fills import Fill, Fills
 from .grants import Grants
+from .logs import OUTCOME
 from .names import BlobRef
 from .proxy import CHUNK, Forwarder, client_of, raw_target
 from .storage import BlobStore
@@ -82,7 +83,7 @@ class BlobPolicy:
         """
         target = raw_target(req)
         if not self._authorized(req, blob, target):
-            return self._uncached(req, target)
+            return self._uncached(req, target, outcome="refused")
         if self._fills.running(blob.digest) is None and self._store.contains(blob.digest):
             response = self._from_cache(req, blob)
             if response is not None:
@@ -146,12 +147,14 @@ class BlobPolicy:
     def _from_cache(self, req: Request, blob: BlobRef) -> Response | None:
         """A redirect to S3, or S3's bytes for clients that cannot follow one; None if S3 fails."""
         if self._streams_for(req):
+            _outcome(req, "s3_stream")
             return self._stream_from_s3(req, blob)
         try:
             url = self._store.presigned_url(blob.digest)
         except Exception as exc:  # e.g. no credentials: serve from upstream instead
             self._store.report_failure(exc)
             return None
+        _outcome(req, "redirect")
         response = Response(
             b"", status=307, headers={"Location": url, "Docker-Content-Digest": str(blob.digest)}
         )
@@ -209,11 +212,13 @@ class BlobPolicy:
             if "Range" in req.headers:  # that answer was to a whole-blob GET, not the client's
                 release(upstream)
                 return self._uncached(req, target)
+            _outcome(req, "upstream")
             return self._forwarder.respond(req, upstream)
         return self._from_fill(req, fill, target, joiner=False)
 
     def _from_fill(self, req: Request, fill: Fill, target: str, joiner: bool) -> Response:
         """The blob, or the range asked for, from a fill, as the upstream would answer it."""
+        _outcome(req, "fill_join" if joiner else "fill")
         headers = [
             (name, value)
             for name, value in fill.headers
@@ -234,9 +239,15 @@ class BlobPolicy:
             client_socket.settimeout(CLIENT_STALL_SECONDS)
         return self._forwarder.answer(req, status, headers, reader)
 
-    def _uncached(self, req: Request, target: str) -> Response:
+    def _uncached(self, req: Request, target: str, outcome: str = "upstream") -> Response:
         """The upstream's own answer to the client's GET, passed through (clients verify it)."""
+        _outcome(req, outcome)
         return self._forwarder.respond(req, self._forwarder.call(req, target=target, body=False))
+
+
+def _outcome(req: Request, outcome: str) -> None:
+    """Say how this blob GET was answered, for its access line (and metrics to come)."""
+    req.environ[OUTCOME] = outcome
 
 
 def _plain_length(upstream: requests.Response) -> int | None:

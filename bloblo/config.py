@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import environs
 from marshmallow import ValidationError
-from marshmallow.validate import Range, Regexp
+from marshmallow.validate import OneOf, Range, Regexp
 
 LOCALSTACK_ENDPOINT = "http://localhost:4566"
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
@@ -62,6 +62,7 @@ class Settings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    log_format: str = "text"  # or json: one JSON object per line
     tls_cert: str | None = None  # PEM certificate (chain) bloblo serves HTTPS with
     tls_key: str | None = field(default=None, repr=False)
     # What an operator should know about the configuration (retired settings): logged once.
@@ -157,6 +158,9 @@ def _read(env: environs.Env) -> dict:
         ),
         "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
         "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
+        "log_format": env.str(
+            "LOG_FORMAT", "text", validate=OneOf(["text", "json"], error="expected text or json")
+        ),
         "tls_cert": env.str("TLS_CERT", None, validate=_check_readable),
         "tls_key": env.str("TLS_KEY", None, validate=_check_readable),
         "trusted_proxies": env.list(
@@ -196,6 +200,7 @@ def _settings(raw: dict) -> Settings:
         stream_networks=_networks(raw["networks"]),
         trusted_proxies=_networks(raw["trusted_proxies"]),
         notices=tuple(_retired()),
+        log_format=raw["log_format"],
         tls_cert=raw["tls_cert"],
         tls_key=raw["tls_key"],
     )
