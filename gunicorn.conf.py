@@ -6,8 +6,10 @@ is loaded by path so the master checks the configuration once, before forking an
 """
 
 import importlib.util
+import os
 import pathlib
 import sys
+import tempfile
 
 
 def _load(name: str):
@@ -60,9 +62,35 @@ proc_name = "bloblo"
 
 
 def on_starting(server):
-    """Say once, in the master, what the operator should change in the configuration."""
+    """In the master, before any worker: prepare the metrics directory (workers inherit
+    PROMETHEUS_MULTIPROC_DIR; a stale file of an earlier run would count twice), and say once
+    what the operator should change in the configuration."""
+    directory = os.environ.setdefault(
+        "PROMETHEUS_MULTIPROC_DIR",
+        os.path.join(tempfile.gettempdir(), f"bloblo-metrics-{os.getpid()}"),
+    )
+    os.makedirs(directory, exist_ok=True)
+    for stale in pathlib.Path(directory).glob("*.db"):
+        stale.unlink()
     for notice in _settings.notices:
         server.log.warning("bloblo: %s", notice)
+
+
+def on_exit(server):
+    """The master stops: the metrics directory it made goes with it (one the operator named
+    stays, emptied at the next start)."""
+    directory = pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    if directory.name == f"bloblo-metrics-{os.getpid()}":
+        for file in directory.glob("*.db"):
+            file.unlink()
+        directory.rmdir()
+
+
+def child_exit(server, worker):
+    """A worker is gone: its gauges stop counting (prometheus-client's multiprocess mode)."""
+    from prometheus_client import multiprocess  # the master only: after the env is set
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from . import health
+from . import health, metrics
 from .blobs import BlobPolicy
 from .clients import ClientMiddleware
 from .config import Settings, load_settings
@@ -34,10 +34,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Every path is the registry's: no slash merging or trailing-slash redirects of Flask's own.
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.wsgi_app = RequestIds(ClientMiddleware(app.wsgi_app, settings.trusted_proxies))
+    app.wsgi_app = metrics.Requests(
+        RequestIds(ClientMiddleware(app.wsgi_app, settings.trusted_proxies))
+    )
     app.config["BLOBLO_SETTINGS"] = settings
     app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit
     app.register_blueprint(health.create_blueprint(health.Health(upstream, store)))
+    app.register_blueprint(metrics.create_blueprint(settings.metrics_networks))
     app.register_blueprint(create_blueprint(forwarder, blobs.get))
     install_error_handlers(app)
     logging.getLogger(__name__).info(

@@ -13,6 +13,7 @@ import requests
 from flask import Request, Response
 from werkzeug.http import parse_range_header
 
+from . import metrics
 from .clients import in_networks
 from .config import Settings
 from .fills import Fill, Fills
@@ -155,6 +156,7 @@ class BlobPolicy:
             self._store.report_failure(exc)
             return None
         _outcome(req, "redirect")
+        metrics.BLOB_BYTES.labels("s3").inc(self._store.size(blob.digest) or 0)
         response = Response(
             b"", status=307, headers={"Location": url, "Docker-Content-Digest": str(blob.digest)}
         )
@@ -180,7 +182,8 @@ class BlobPolicy:
         }
         if obj.content_range:
             headers["Content-Range"] = obj.content_range
-        response = Response(obj.chunks(CHUNK), status=obj.status, headers=headers)
+        body = metrics.count_body(obj.chunks(CHUNK), metrics.BLOB_BYTES.labels("s3").inc)
+        response = Response(body, status=obj.status, headers=headers)
         response.call_on_close(obj.body.close)
         return response
 
@@ -213,7 +216,7 @@ class BlobPolicy:
                 release(upstream)
                 return self._uncached(req, target)
             _outcome(req, "upstream")
-            return self._forwarder.respond(req, upstream)
+            return self._forwarder.respond(req, upstream, on_bytes=_passed_through)
         return self._from_fill(req, fill, target, joiner=False)
 
     def _from_fill(self, req: Request, fill: Fill, target: str, joiner: bool) -> Response:
@@ -242,12 +245,20 @@ class BlobPolicy:
     def _uncached(self, req: Request, target: str, outcome: str = "upstream") -> Response:
         """The upstream's own answer to the client's GET, passed through (clients verify it)."""
         _outcome(req, outcome)
-        return self._forwarder.respond(req, self._forwarder.call(req, target=target, body=False))
+        upstream = self._forwarder.call(req, target=target, body=False)
+        return self._forwarder.respond(req, upstream, on_bytes=_passed_through)
 
 
 def _outcome(req: Request, outcome: str) -> None:
-    """Say how this blob GET was answered, for its access line (and metrics to come)."""
+    """Say how this blob GET was answered, for its access line and metrics."""
     req.environ[OUTCOME] = outcome
+    metrics.BLOB_REQUESTS.labels(outcome).inc()
+
+
+def _passed_through(count: int) -> None:
+    """Blob bytes the upstream sent a client uncached."""
+    metrics.BLOB_BYTES.labels("upstream").inc(count)
+    metrics.UPSTREAM_BYTES.inc(count)
 
 
 def _plain_length(upstream: requests.Response) -> int | None:

@@ -65,6 +65,11 @@ class Settings:
     log_format: str = "text"  # or json: one JSON object per line
     tls_cert: str | None = None  # PEM certificate (chain) bloblo serves HTTPS with
     tls_key: str | None = field(default=None, repr=False)
+    # Clients that may read /metrics (issue #8, part 3).
+    metrics_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
     # What an operator should know about the configuration (retired settings): logged once.
     notices: tuple[str, ...] = ()
 
@@ -163,6 +168,9 @@ def _read(env: environs.Env) -> dict:
         ),
         "tls_cert": env.str("TLS_CERT", None, validate=_check_readable),
         "tls_key": env.str("TLS_KEY", None, validate=_check_readable),
+        "metrics_networks": env.list(
+            "METRICS_NETWORKS", DEFAULT_TRUSTED_PROXIES, validate=_check_networks
+        ),
         "trusted_proxies": env.list(
             "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, validate=_check_networks
         ),
@@ -199,6 +207,7 @@ def _settings(raw: dict) -> Settings:
         stream_user_agents=re.compile(raw["user_agents"]) if raw["user_agents"] else None,
         stream_networks=_networks(raw["networks"]),
         trusted_proxies=_networks(raw["trusted_proxies"]),
+        metrics_networks=_networks(raw["metrics_networks"]),
         notices=tuple(_retired()),
         log_format=raw["log_format"],
         tls_cert=raw["tls_cert"],

@@ -18,6 +18,7 @@ import gevent
 import requests
 from gevent.event import Event
 
+from . import metrics
 from .config import Settings
 from .errors import AbortResponse
 from .loop import Turns
@@ -72,6 +73,7 @@ class Fill:
             LOG.info("%s (%d bytes) exceeds the spool budget left: not cached", self.digest, size)
             return False
         self.size, self.headers = size, list(headers)
+        metrics.FILLS_IN_PROGRESS.inc()
         gevent.spawn(self._run, response)
         self._started.set()
         return True
@@ -119,7 +121,9 @@ class Fill:
             self._break(f"{type(exc).__name__}: {exc}")
         finally:
             self._owner.forget(self)
-            self.result = self.result or ("aborted" if self.broken else "verified")
+            self.result = self.result or ("aborted" if self.broken else "failed")  # no S3
+            metrics.FILLS.labels(self.result).inc()
+            metrics.FILLS_IN_PROGRESS.dec()
             LOG.info(
                 "fill of %s: %s (%d bytes, %.1fs)",
                 self.digest,
@@ -142,6 +146,7 @@ class Fill:
                 pending.get()  # raises the spool's error, if any
                 self._notify()
             pending = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
+            metrics.UPSTREAM_BYTES.inc(len(chunk))
             turns.give()
         if pending is not None:
             pending.get()
@@ -235,6 +240,7 @@ class FillReader:
             if position < ready:
                 count = min(CHUNK, ready - position, self._stop - position)
                 yield fill._read(position, count)
+                metrics.BLOB_BYTES.labels("spool").inc(count)
                 position += count
                 turns.give()
             elif fill.broken:

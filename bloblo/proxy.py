@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 import requests
 from flask import Blueprint, Request, Response, request
 
-from . import headers, targets
+from . import headers, metrics, targets
 from .clients import ENVIRON_KEY, Client
 from .config import Settings
 from .errors import AbortResponse
@@ -63,11 +63,15 @@ class Forwarder:
             [*client_headers, *add], client_of(req), preserve_host=self._settings.preserve_host
         )
 
-    def respond(self, req: Request, upstream: requests.Response) -> Response:
-        """The client's response: the upstream's status, headers and raw bytes."""
-        response = self.answer(
-            req, upstream.status_code, upstream.raw.headers.items(), raw_body(upstream)
-        )
+    def respond(
+        self, req: Request, upstream: requests.Response, on_bytes: Callable[[int], None] = None
+    ) -> Response:
+        """The client's response: the upstream's status, headers and raw bytes (on_bytes is
+        told the size of each chunk sent)."""
+        body = raw_body(upstream)
+        if on_bytes is not None:
+            body = metrics.count_body(body, on_bytes)
+        response = self.answer(req, upstream.status_code, upstream.raw.headers.items(), body)
         response.call_on_close(lambda: release(upstream))  # also when the body never started
         return response
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from . import metrics
+
 
 class SpoolError(OSError):
     """A spool write or read that could not move every byte."""
@@ -29,11 +31,13 @@ class SpoolBudget:
         if self.used + size > self.max_bytes:
             return False
         self.used += size
+        metrics.SPOOL_BYTES.inc(size)
         return True
 
     def release(self, size: int) -> None:
         """Give size bytes back."""
         self.used -= size
+        metrics.SPOOL_BYTES.dec(size)
 
 
 class Spool:

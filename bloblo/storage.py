@@ -15,6 +15,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from . import metrics
 from .config import Settings
 from .names import Digest
 
@@ -68,8 +69,10 @@ class BlobStore:
         self._expires = settings.presign_expires
         self._clock = clock
         self._unavailable_until = 0.0
+        self._up = True
+        metrics.S3_AVAILABLE.set(1)
         self._answered_at = float("-inf")
-        self._known: OrderedDict[str, float] = OrderedDict()
+        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key: (until, size)
         session = boto3.session.Session(
             aws_access_key_id=settings.s3_access_key,
             aws_secret_access_key=settings.s3_secret_key,
@@ -90,7 +93,12 @@ class BlobStore:
 
     def available(self) -> bool:
         """False for a while after S3 failed, so pulls do not wait on a broken S3."""
-        return self._clock() >= self._unavailable_until
+        if self._clock() < self._unavailable_until:
+            return False
+        if not self._up:  # the wait is over: S3 is asked again
+            self._up = True
+            metrics.S3_AVAILABLE.set(1)
+        return True
 
     def report_failure(self, exc: Exception) -> None:
         """Note that S3 failed: log what to check and stop asking it for a while."""
@@ -108,6 +116,8 @@ class BlobStore:
                 UNAVAILABLE_SECONDS,
             )
         self._unavailable_until = self._clock() + UNAVAILABLE_SECONDS
+        self._up = False
+        metrics.S3_AVAILABLE.set(0)
 
     def contains(self, digest: Digest) -> bool:
         """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss."""
@@ -117,7 +127,8 @@ class BlobStore:
         if self._remembered(key) and self._clock() - self._answered_at < TRUST_SECONDS:
             return True
         try:
-            self._client.head_object(Bucket=self._bucket, Key=key)
+            with metrics.S3_DURATION.labels("head_object").time():
+                head = self._client.head_object(Bucket=self._bucket, Key=key)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status not in (403, 404):  # 403: no s3:ListBucket, the object is absent
@@ -129,23 +140,28 @@ class BlobStore:
         except BotoCoreError as exc:
             self.report_failure(exc)
             return False
-        self._remember(digest)
+        self._remember(digest, head["ContentLength"])
         return True
 
-    def _remember(self, digest: Digest) -> None:
-        """Record that the blob is in the bucket (S3 just said so)."""
+    def size(self, digest: Digest) -> int | None:
+        """The size of a blob the bucket was last seen to hold, if remembered."""
+        known = self._known.get(self.key(digest))
+        return known[1] if known else None
+
+    def _remember(self, digest: Digest, size: int) -> None:
+        """Record that the blob (size bytes) is in the bucket (S3 just said so)."""
         key = self.key(digest)
         self._answered_at = self._clock()
-        self._known[key] = self._answered_at + KNOWN_TTL
+        self._known[key] = (self._answered_at + KNOWN_TTL, size)
         self._known.move_to_end(key)
         while len(self._known) > KNOWN_BLOBS:
             self._known.popitem(last=False)
 
     def _remembered(self, key: str) -> bool:
-        expires = self._known.get(key)
-        if expires is None:
+        known = self._known.get(key)
+        if known is None:
             return False
-        if expires < self._clock():
+        if known[0] < self._clock():
             del self._known[key]
             return False
         return True
@@ -180,7 +196,8 @@ class BlobStore:
         extra = {"Range": byte_range} if byte_range else {}
         key = self.key(digest)
         try:
-            obj = self._client.get_object(Bucket=self._bucket, Key=key, **extra)
+            with metrics.S3_DURATION.labels("get_object").time():
+                obj = self._client.get_object(Bucket=self._bucket, Key=key, **extra)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
@@ -208,14 +225,15 @@ class BlobStore:
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=4, use_threads=True
         )
         config.max_in_memory_upload_chunks = 4  # bounds memory: about 5 parts per upload
-        self._client.upload_fileobj(
-            fileobj,
-            self._bucket,
-            self.key(digest),
-            ExtraArgs={"ContentType": "application/octet-stream"},
-            Config=config,
-        )
-        self._remember(digest)
+        with metrics.S3_DURATION.labels("upload").time():
+            self._client.upload_fileobj(
+                fileobj,
+                self._bucket,
+                self.key(digest),
+                ExtraArgs={"ContentType": "application/octet-stream"},
+                Config=config,
+            )
+        self._remember(digest, size)
 
 
 def part_size(size: int | None) -> int:

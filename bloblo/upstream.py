@@ -11,6 +11,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from . import metrics
 from .config import Settings
 from .errors import UpstreamTimeout, UpstreamUnavailable
 from .headers import origin
@@ -95,7 +96,8 @@ class Upstream:
         elif body is not None:
             prepared.headers["Transfer-Encoding"] = "chunked"
         try:
-            return self._adapter.send(prepared, stream=True, timeout=timeout or self._timeout)
+            with metrics.UPSTREAM_DURATION.labels(method).time():
+                return self._adapter.send(prepared, stream=True, timeout=timeout or self._timeout)
         except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
             LOG.warning(
                 "upstream %s timed out on %s %s: %s", self.url, method, _path(target), _reason(exc)
