@@ -58,6 +58,7 @@ class Fill:
         self._started = Event()  # running, or cancelled
         self._progress = Event()
         self._readers = 0
+        self._writing = None  # the threadpool's write of the latest chunk, while it runs
 
     # -- the client that starts it -------------------------------------------------------------
 
@@ -131,6 +132,8 @@ class Fill:
                 self.spool.written,
                 time.monotonic() - started,
             )
+            if self._writing is not None:  # a deadline can cut in while a thread still writes:
+                self._writing.wait()  # the spool's file must outlive that write
             self.done.set()
             self._notify()
             self._close_if_unused()
@@ -140,16 +143,15 @@ class Fill:
         thread: pwrite and hashlib let go of the GIL), one chunk at a time, while this greenlet
         receives the next: on 2 cores the copy to disk and the hash no longer hold the loop."""
         hasher, turns, pool = self.digest.hasher(), Turns(), gevent.get_hub().threadpool
-        pending = None
         for chunk in response.raw.stream(CHUNK, decode_content=False):
-            if pending is not None:
-                pending.get()  # raises the spool's error, if any
+            if self._writing is not None:
+                self._writing.get()  # raises the spool's error, if any
                 self._notify()
-            pending = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
+            self._writing = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
             metrics.UPSTREAM_BYTES.inc(len(chunk))
             turns.give()
-        if pending is not None:
-            pending.get()
+        if self._writing is not None:
+            self._writing.get()
             self._notify()
         if self.spool.written != self.size:
             raise FillBroken(f"the upstream sent {self.spool.written} bytes of {self.size}")
