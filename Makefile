@@ -17,6 +17,7 @@ install: $(BIN)/.installed localstack-host system-packages
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .  # the bloblo command
 	touch $@
 
 .PHONY: system-packages localstack-host

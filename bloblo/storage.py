@@ -215,6 +215,15 @@ class BlobStore:
             body=obj["Body"],
         )
 
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Store a small blob as it is (for `bloblo check`; fills go through upload())."""
+        self._client.put_object(
+            Bucket=self._bucket,
+            Key=self.key(digest),
+            Body=data,
+            ContentType="application/octet-stream",
+        )
+
     def upload(self, fileobj: BinaryIO, digest: Digest, size: int | None) -> None:
         """Upload fileobj's bytes under the blob's key; publishes only if fileobj ends cleanly.
 

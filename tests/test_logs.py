@@ -82,6 +82,7 @@ def test_json_logs_have_one_object_per_line_and_one_access_line_per_request(
             )
         )
     assert warm.headers["X-Request-Id"] == "req-42"
+    assert poll(lambda: '"request_id": "req-42"' in bloblo.log_text())  # written after the answer
     log = bloblo.log_text()
     lines = _json_lines(log)  # every line parses
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
