@@ -51,16 +51,6 @@ class Pipe:
         """Whether the writer side still takes bytes."""
         return self._write_fd >= 0
 
-    def write_nowait(self, data: memoryview) -> int:
-        """Put as much of data into the pipe as fits now; return how much did."""
-        try:
-            return os.write(self._write_fd, data) if self.open else len(data)
-        except BlockingIOError:
-            return 0
-        except OSError:  # EPIPE: the upload ended early and closed its end
-            self.abort("the S3 upload ended early")
-            return len(data)
-
     def write(self, data: memoryview) -> None:
         """Put all of data into the pipe, waiting (cooperatively) for the upload to read."""
         try:

@@ -54,7 +54,7 @@ def test_an_aborted_stream_raises_instead_of_ending():
 
 def test_a_writer_that_vanishes_without_finishing_is_not_a_clean_end():
     pipe = Pipe()
-    pipe.write_nowait(memoryview(b"partial"))
+    pipe.write(memoryview(b"partial"))
     pipe._close_writer()
     with pytest.raises(UploadAborted):
         pipe.read(100)
