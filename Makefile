@@ -14,9 +14,10 @@ APT_PACKAGES := docker-registry skopeo docker.io systemd
 
 install: $(BIN)/.installed localstack-host system-packages
 
-$(BIN)/.installed: requirements.lock pyproject.toml
+# The runtime lock is what `pip install .` brings; the test lock adds the test and demo tools.
+$(BIN)/.installed: requirements.lock requirements-test.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet -r requirements.lock -r requirements-test.lock
 	$(BIN)/pip install --quiet --no-deps -e .  # the bloblo command
 	touch $@
 
@@ -56,10 +57,16 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-lock: $(BIN)/.installed
-	$(BIN)/pip install --quiet -e '.[test]' && $(BIN)/pip uninstall --quiet -y bloblo
-	( sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable ) > requirements.lock.new
-	mv requirements.lock.new requirements.lock
+# Both locks from scratch, in a throw-away venv: the runtime one from `pip install .`, the test
+# one from what `.[test]` adds to it.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet .
+	( sed -n '1,2p' requirements.lock; .lock-venv/bin/pip freeze --exclude bloblo ) > .lock-runtime
+	.lock-venv/bin/pip install --quiet '.[test]'
+	( sed -n '1,2p' requirements-test.lock; .lock-venv/bin/pip freeze --exclude bloblo \
+	  | grep -vxFf .lock-runtime ) > .lock-test
+	mv .lock-runtime requirements.lock && mv .lock-test requirements-test.lock && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .run

@@ -1,0 +1,60 @@
+"""The WSGI application: every part built from the settings and wired together."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from . import health, metrics
+from .blobs import BlobPolicy
+from .clients import ClientMiddleware
+from .config import Settings, load_settings
+from .errors import install_error_handlers
+from .fills import Fills
+from .proxy import Forwarder, create_blueprint
+from .request_ids import RequestIds
+from .storage import BlobStore
+from .upstream import Upstream
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the WSGI app from settings (read from the environment when not given)."""
+    settings = settings or load_settings()
+    _route_logs_through_gunicorn()
+    upstream = Upstream(settings)
+    forwarder = Forwarder(settings, upstream)
+    store = BlobStore(settings)
+    fills = Fills(settings, store)
+    blobs = BlobPolicy(settings, forwarder, upstream, store, fills)
+
+    app = Flask(__name__, static_folder=None)  # every path is the registry's
+    # Every path is the registry's: no slash merging or trailing-slash redirects of Flask's own.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    app.wsgi_app = metrics.Requests(
+        RequestIds(ClientMiddleware(app.wsgi_app, settings.trusted_proxies))
+    )
+    app.config["BLOBLO_SETTINGS"] = settings
+    app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit
+    app.register_blueprint(health.create_blueprint(health.Health(upstream, store)))
+    app.register_blueprint(metrics.create_blueprint(settings.metrics_networks))
+    app.register_blueprint(create_blueprint(forwarder, blobs.get))
+    install_error_handlers(app)
+    logging.getLogger("bloblo").info(
+        "bloblo proxying %s, caching in s3://%s/%s",
+        settings.upstream_url,
+        settings.s3_bucket,
+        settings.s3_prefix,
+    )
+    return app
+
+
+def _route_logs_through_gunicorn() -> None:
+    """Under gunicorn, bloblo's log lines go where gunicorn's go, at its level."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    package_log = logging.getLogger("bloblo")  # every bloblo.* logger propagates to it
+    if gunicorn_log.handlers and not package_log.handlers:
+        package_log.handlers = gunicorn_log.handlers
+        package_log.setLevel(logging.INFO)
+        package_log.propagate = False

@@ -1,0 +1,304 @@
+"""Fills: one background download per blob and worker, that every client of the blob reads from.
+
+A fill takes the upstream's answer to one authorized GET, writes the blob to a spool file while
+hashing it, and pumps the spool into an S3 upload that completes only when what S3 received is
+the blob. Clients read the spool as it grows: the one that started the fill, every concurrent
+client of the digest, ranged or not. The fill does not depend on them: it runs to its end when
+they leave or read slowly, within BLOBLO_MAX_FILLS, BLOBLO_SPOOL_MAX_MB and
+BLOBLO_FILL_DEADLINE_SECONDS (issue #7).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import gevent
+import requests
+from gevent.event import Event
+
+from . import metrics
+from .config import Settings
+from .errors import AbortResponse
+from .loop import Turns
+from .names import Digest
+from .spool import Spool, SpoolBudget, SpoolError, open_spool
+from .storage import BlobStore
+from .uploads import Pipe, UploadAborted, VerifiedReader
+from .upstream import release
+
+LOG = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+TAIL = 64 * 1024  # a whole-blob response holds back this much until the blob is verified
+
+
+class FillBroken(Exception):
+    """The download ended without the whole blob, verified."""
+
+
+class Fill:
+    """One blob on its way from the upstream to the spool and on to S3.
+
+    Created reserved (Fills.reserve), then either begin()s with the upstream's answer or is
+    cancel()led. Readers wait for bytes with read(); `broken` says why the download failed.
+    """
+
+    def __init__(self, digest: Digest, owner: Fills):
+        self.digest = digest
+        self.size = 0
+        self.headers: list[tuple[str, str]] = []  # the upstream's answer, for every client
+        self.spool: Spool | None = None
+        self.verified = False  # every byte is in the spool and hashes to the digest
+        self.broken: str | None = None
+        self.result: str | None = None  # published, digest_mismatch, aborted, failed
+        self.done = Event()  # download and upload are over
+        self._owner = owner
+        self._started = Event()  # running, or cancelled
+        self._progress = Event()
+        self._readers = 0
+        self._writing = None  # the threadpool's write of the latest chunk, while it runs
+
+    # -- the client that starts it -------------------------------------------------------------
+
+    def begin(self, response: requests.Response, size: int, headers) -> bool:
+        """Run the fill on response (a 200 of size plain bytes); False (nothing started) when
+        the spool budget has no room or no spool file can be made."""
+        try:
+            self.spool = open_spool(self._owner.spool_dir, size, self._owner.budget)
+        except SpoolError as exc:
+            LOG.warning("cannot spool %s: %s; check BLOBLO_SPOOL_DIR", self.digest, exc)
+            return False
+        if self.spool is None:
+            LOG.info("%s (%d bytes) exceeds the spool budget left: not cached", self.digest, size)
+            return False
+        self.size, self.headers = size, list(headers)
+        metrics.FILLS_IN_PROGRESS.inc()
+        gevent.spawn(self._run, response)
+        self._started.set()
+        return True
+
+    def cancel(self) -> None:
+        """Give the reservation up: joiners waiting for it fetch the blob themselves."""
+        self._owner.forget(self)
+        self._started.set()
+        self.done.set()
+
+    # -- clients --------------------------------------------------------------------------------
+
+    def wait_started(self, timeout: float) -> bool:
+        """Wait until the fill runs (True) or was cancelled or did not start in time (False)."""
+        return self._started.wait(timeout) and self.spool is not None
+
+    def reader(self, start: int, stop: int, hold_tail: bool) -> FillReader:
+        """A reader of bytes [start, stop); the spool stays open until it is closed."""
+        return FillReader(self, start, stop, hold_tail)
+
+    def _read(self, position: int, count: int) -> bytes:
+        try:
+            return self.spool.read(position, count)
+        except SpoolError as exc:
+            LOG.error("cannot read the spool of %s: %s", self.digest, exc)
+            raise AbortResponse(str(exc)) from None
+
+    # -- the fill itself ------------------------------------------------------------------------
+
+    def _run(self, response: requests.Response) -> None:
+        started = time.monotonic()
+        try:
+            with gevent.Timeout(self._owner.deadline, FillBroken("the fill deadline passed")):
+                try:
+                    self._download(response)
+                finally:
+                    release(response)
+                # Only now: while the download runs, its clients have the worker's CPU to
+                # themselves (an upload alongside made a cold pull twice as slow, issue #7).
+                if self._owner.store.available():
+                    self._upload()
+        except (FillBroken, SpoolError, requests.RequestException, OSError) as exc:
+            self._break(str(exc) or type(exc).__name__)
+        except Exception as exc:  # urllib3's ProtocolError and kin: the upstream broke off
+            self._break(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._owner.forget(self)
+            self.result = self.result or ("aborted" if self.broken else "failed")  # no S3
+            metrics.FILLS.labels(self.result).inc()
+            metrics.FILLS_IN_PROGRESS.dec()
+            LOG.info(
+                "fill of %s: %s (%d bytes, %.1fs)",
+                self.digest,
+                self.result,
+                self.spool.written,
+                time.monotonic() - started,
+            )
+            if self._writing is not None:  # a deadline can cut in while a thread still writes:
+                self._writing.wait()  # the spool's file must outlive that write
+            self.done.set()
+            self._notify()
+            self._close_if_unused()
+
+    def _download(self, response: requests.Response) -> None:
+        """Spool and hash the upstream's bytes. Both run in gevent's threadpool (a native
+        thread: pwrite and hashlib let go of the GIL), one chunk at a time, while this greenlet
+        receives the next: on 2 cores the copy to disk and the hash no longer hold the loop."""
+        hasher, turns, pool = self.digest.hasher(), Turns(), gevent.get_hub().threadpool
+        for chunk in response.raw.stream(CHUNK, decode_content=False):
+            if self._writing is not None:
+                self._writing.get()  # raises the spool's error, if any
+                self._notify()
+            self._writing = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
+            metrics.UPSTREAM_BYTES.inc(len(chunk))
+            turns.give()
+        if self._writing is not None:
+            self._writing.get()
+            self._notify()
+        if self.spool.written != self.size:
+            raise FillBroken(f"the upstream sent {self.spool.written} bytes of {self.size}")
+        if hasher.hexdigest() != self.digest.hex:
+            self.result = "digest_mismatch"
+            LOG.error("the upstream sent a wrong blob for %s: not cached", self.digest)
+            raise FillBroken(f"content hashes to {self.digest.algorithm}:{hasher.hexdigest()}")
+        self.verified = True
+        self._notify()
+
+    def _break(self, reason: str) -> None:
+        """The fill failed: no client joins it any more, its readers get a short read."""
+        self.broken = reason
+        self._owner.forget(self)
+        LOG.warning("fill of %s broke off: %s", self.digest, reason)
+        self._notify()
+
+    def _upload(self) -> None:
+        """Upload the verified spool; S3 completes it only if what it received is the blob."""
+        pipe = Pipe()
+        pump = gevent.spawn(self._pump, pipe)
+        store = self._owner.store
+        try:
+            store.upload(VerifiedReader(pipe, self.digest, self.size), self.digest, self.size)
+            self.result = "published"
+            LOG.info("published %s to S3", self.digest)
+        except UploadAborted as exc:
+            self.result = "aborted"
+            LOG.info("did not publish %s: %s", self.digest, exc)
+        except Exception as exc:
+            self.result = "failed"
+            store.report_failure(exc)
+            LOG.warning("S3 upload of %s failed, the blob stays uncached: %s", self.digest, exc)
+        finally:  # also when the deadline passes: a pipe closed unfinished aborts the upload
+            pump.kill()
+            pipe.close()
+
+    def _pump(self, pipe: Pipe) -> None:
+        """Move the spooled blob into the pipe, in order, as fast as the upload reads it."""
+        position, turns = 0, Turns()
+        try:
+            while pipe.open and position < self.size:
+                count = min(CHUNK, self.size - position)
+                pipe.write(memoryview(self.spool.read(position, count)))
+                position += count
+                turns.give()
+            pipe.finish()
+        except SpoolError as exc:
+            LOG.error("cannot read the spool of %s for S3: %s", self.digest, exc)
+            pipe.abort(str(exc))
+
+    def _notify(self) -> None:
+        progress, self._progress = self._progress, Event()
+        progress.set()
+
+    def _close_if_unused(self) -> None:
+        if self.done.is_set() and self._readers == 0 and self.spool is not None:
+            self.spool.close()
+
+
+def _spool_and_hash(spool: Spool, hasher, chunk: bytes) -> None:
+    spool.append(chunk)
+    hasher.update(chunk)
+
+
+class FillReader:
+    """Bytes [start, stop) of a fill's blob, as the fill writes them: a WSGI response body.
+
+    With hold_tail the last TAIL bytes wait until the blob is verified. Iterating raises
+    AbortResponse (the client sees a short read) when the download breaks before the bytes
+    arrive. close() (the WSGI server calls it, also when the body never started) lets the fill
+    free its spool.
+    """
+
+    def __init__(self, fill: Fill, start: int, stop: int, hold_tail: bool):
+        self._fill = fill
+        self._start, self._stop, self._hold_tail = start, stop, hold_tail
+        self._closed = False
+        fill._readers += 1
+
+    def __iter__(self) -> Iterator[bytes]:
+        fill, turns, position = self._fill, Turns(), self._start
+        while position < self._stop:
+            progress = fill._progress
+            ready = fill.spool.written
+            if self._hold_tail and not fill.verified:
+                ready = min(ready, fill.size - TAIL)
+            if position < ready:
+                count = min(CHUNK, ready - position, self._stop - position)
+                yield fill._read(position, count)
+                metrics.BLOB_BYTES.labels("spool").inc(count)
+                position += count
+                turns.give()
+            elif fill.broken:
+                raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
+            else:
+                progress.wait()
+        while self._hold_tail and not (fill.verified or fill.broken):  # an empty blob
+            fill._progress.wait()
+        if self._hold_tail and not fill.verified:
+            raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
+
+    def close(self) -> None:
+        """Done reading (safe to call more than once)."""
+        if not self._closed:
+            self._closed = True
+            self._fill._readers -= 1
+            self._fill._close_if_unused()
+
+
+class Fills:
+    """The fills of one worker: at most one per digest and BLOBLO_MAX_FILLS at once."""
+
+    def __init__(self, settings: Settings, store: BlobStore):
+        self.store = store
+        self.spool_dir = settings.spool_dir
+        self.budget = SpoolBudget(settings.spool_max_bytes)
+        self.deadline = settings.fill_deadline_seconds
+        self._max = settings.max_fills
+        self._running: dict[str, Fill] = {}
+
+    def running(self, digest: Digest) -> Fill | None:
+        """The fill of digest under way in this worker, if any."""
+        return self._running.get(str(digest))
+
+    def reserve(self, digest: Digest) -> Fill | None:
+        """A new fill for digest, reserved before its upstream GET is sent so that concurrent
+        clients join it; None when one runs already or BLOBLO_MAX_FILLS are running."""
+        key = str(digest)
+        if key in self._running or len(self._running) >= self._max:
+            return None
+        fill = self._running[key] = Fill(digest, self)
+        return fill
+
+    def forget(self, fill: Fill) -> None:
+        """fill takes no more clients (it ended, or never started)."""
+        if self._running.get(str(fill.digest)) is fill:
+            del self._running[str(fill.digest)]
+
+    def in_progress(self) -> int:
+        """How many fills this worker runs now."""
+        return len(self._running)
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to timeout seconds for the fills under way; return how many are left."""
+        fills = list(self._running.values())
+        if fills:
+            LOG.info("waiting up to %gs for %d fills", timeout, len(fills))
+            gevent.joinall([gevent.spawn(fill.done.wait) for fill in fills], timeout=timeout)
+        return self.in_progress()

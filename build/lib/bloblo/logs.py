@@ -1,0 +1,88 @@
+"""What bloblo's server log says: gunicorn's logger, as text or one JSON object per line, with one
+access line per request and the noise an operator should not chase named for what it is
+(issue #8, part 5).
+
+Loaded by path from gunicorn.conf.py in the master: it imports only the standard library,
+gunicorn and python-json-logger, never the bloblo package (see config.py for why).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from gunicorn.glogging import Logger
+from pythonjsonlogger.json import JsonFormatter
+
+# skopeo and docker try HTTPS first on a plain-HTTP port: gunicorn reads their TLS ClientHello as
+# a request line. Its bytes hold a line feed (then: "bare LF"), or start with 0x16 0x03.
+_TLS_PROBE = re.compile(
+    r"Invalid request from ip=(?P<ip>\S+): Invalid HTTP request line: "
+    r"(?:'bare LF as line terminator'|'\\x16\\x03)"
+)
+# Where bloblo's request handling leaves what the access line reports (set by the app).
+REQUEST_ID = "bloblo.request_id"
+OUTCOME = "bloblo.outcome"
+
+
+def json_formatter() -> logging.Formatter:
+    """One JSON object per line: time, level, logger, message (and any extra fields)."""
+    return JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        timestamp=False,
+    )
+
+
+class BlobloLogger(Logger):
+    """gunicorn's logger: a TLS handshake on the plain-HTTP port is an INFO line saying so, and
+    with json set every line, access lines included, is one JSON object."""
+
+    json = False
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        if self.json:
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    handler.setFormatter(json_formatter())
+
+    def warning(self, msg, *args, **kwargs):
+        probe = _TLS_PROBE.match(str(msg))
+        if probe is None:
+            super().warning(msg, *args, **kwargs)
+            return
+        self.info(
+            "TLS handshake on the plain-HTTP port from %s: a client trying HTTPS first "
+            "(docker and skopeo do, then use plain HTTP); nothing to do",
+            probe.group("ip"),
+        )
+
+    def access(self, resp, req, environ, request_time) -> None:
+        if not self.json:
+            super().access(resp, req, environ, request_time)
+            return
+        if not self.access_log_enabled:
+            return
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        fields = {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("RAW_URI", environ.get("PATH_INFO", "")).split("?", 1)[0],
+            "status": int(status),
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 1),
+            "outcome": environ.get(OUTCOME),
+            "client": environ.get("REMOTE_ADDR"),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+            "request_id": environ.get(REQUEST_ID),
+        }
+        self.access_log.info("request", extra=fields)
+
+
+def logger_class(log_format: str) -> type[BlobloLogger]:
+    """The logger class for BLOBLO_LOG_FORMAT (text or json)."""
+    return (
+        type("BlobloJsonLogger", (BlobloLogger,), {"json": True})
+        if log_format == "json"
+        else BlobloLogger
+    )

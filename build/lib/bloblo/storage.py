@@ -1,0 +1,271 @@
+"""S3 as a content-addressed blob cache: keys, lookups, presigned GETs and verified uploads."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import boto3
+import gevent
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from . import metrics
+from .config import Settings
+from .names import Digest
+
+LOG = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer while signing
+MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
+UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
+KNOWN_BLOBS = 100_000  # positive lookups remembered per worker (digests are immutable)
+KNOWN_TTL = 3600.0  # a deleted object is noticed within this long
+# Remembered blobs are redirected to only while S3 answered within this long: a redirect to a
+# dead S3 fails the pull, so a stale worker asks S3 again first (one request per interval).
+TRUST_SECONDS = 2.0
+
+_HINTS = {
+    "NoSuchBucket": "create the bucket, or set BLOBLO_S3_BUCKET_NAME",
+    "AccessDenied": "the credentials lack s3:GetObject/PutObject on the bucket",
+    "InvalidAccessKeyId": "check the AWS credentials bloblo runs with",
+    "SignatureDoesNotMatch": "check the AWS secret key and BLOBLO_S3_REGION",
+    "AuthorizationHeaderMalformed": "BLOBLO_S3_REGION does not match the bucket's region",
+    "NoCredentialsError": "give bloblo AWS credentials (instance profile, AWS_* variables, "
+    "~/.aws) or set BLOBLO_USE_LOCALSTACK=true",
+    "EndpointConnectionError": "check BLOBLO_S3_ENDPOINT_URL and that S3 is reachable",
+}
+
+
+@dataclass
+class S3Object:
+    """An open S3 object body with what the client needs to know about it."""
+
+    status: int  # 200, or 206 for a range
+    length: int
+    content_range: str | None
+    body: object  # botocore StreamingBody
+
+    def chunks(self, size: int):
+        """The body in chunks of at most size bytes; closes the body at the end."""
+        try:
+            yield from self.body.iter_chunks(size)
+        finally:
+            self.body.close()
+
+
+class BlobStore:
+    """Blobs in one bucket under <prefix>blobs/<algorithm>/<hex>; one instance per worker."""
+
+    def __init__(self, settings: Settings, clock=time.monotonic):
+        self._bucket = settings.s3_bucket
+        self._prefix = settings.s3_prefix
+        self._expires = settings.presign_expires
+        self._clock = clock
+        self._unavailable_until = 0.0
+        self._up = True
+        metrics.S3_AVAILABLE.set(1)
+        self._answered_at = float("-inf")
+        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key: (until, size)
+        session = boto3.session.Session(
+            aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=settings.s3_secret_key,
+            region_name=settings.s3_region,
+        )
+        config = _client_config(path_style=settings.s3_endpoint_url is not None)
+        self._client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        # Presigned URLs sign the host: sign for the endpoint clients reach.
+        self._presigner = (
+            self._client
+            if settings.s3_public_endpoint_url == settings.s3_endpoint_url
+            else session.client("s3", endpoint_url=settings.s3_public_endpoint_url, config=config)
+        )
+
+    def key(self, digest: Digest) -> str:
+        """The object key of a blob."""
+        return f"{self._prefix}blobs/{digest.algorithm}/{digest.hex}"
+
+    def available(self) -> bool:
+        """False for a while after S3 failed, so pulls do not wait on a broken S3."""
+        if self._clock() < self._unavailable_until:
+            return False
+        if not self._up:  # the wait is over: S3 is asked again
+            self._up = True
+            metrics.S3_AVAILABLE.set(1)
+        return True
+
+    def report_failure(self, exc: Exception) -> None:
+        """Note that S3 failed: log what to check and stop asking it for a while."""
+        if self.available():
+            code = (
+                exc.response.get("Error", {}).get("Code")
+                if isinstance(exc, ClientError)
+                else type(exc).__name__
+            )
+            LOG.warning(
+                "S3 bucket %s failed (%s)%s; serving blobs from upstream for %gs",
+                self._bucket,
+                exc,
+                f": {_HINTS[code]}" if code in _HINTS else "",
+                UNAVAILABLE_SECONDS,
+            )
+        self._unavailable_until = self._clock() + UNAVAILABLE_SECONDS
+        self._up = False
+        metrics.S3_AVAILABLE.set(0)
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss."""
+        key = self.key(digest)
+        if not self.available():
+            return False
+        if self._remembered(key) and self._clock() - self._answered_at < TRUST_SECONDS:
+            return True
+        try:
+            with metrics.S3_DURATION.labels("head_object").time():
+                head = self._client.head_object(Bucket=self._bucket, Key=key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status not in (403, 404):  # 403: no s3:ListBucket, the object is absent
+                self.report_failure(exc)
+            else:
+                self._answered_at = self._clock()
+                self._known.pop(key, None)
+            return False
+        except BotoCoreError as exc:
+            self.report_failure(exc)
+            return False
+        self._remember(digest, head["ContentLength"])
+        return True
+
+    def size(self, digest: Digest) -> int | None:
+        """The size of a blob the bucket was last seen to hold, if remembered."""
+        known = self._known.get(self.key(digest))
+        return known[1] if known else None
+
+    def _remember(self, digest: Digest, size: int) -> None:
+        """Record that the blob (size bytes) is in the bucket (S3 just said so)."""
+        key = self.key(digest)
+        self._answered_at = self._clock()
+        self._known[key] = (self._answered_at + KNOWN_TTL, size)
+        self._known.move_to_end(key)
+        while len(self._known) > KNOWN_BLOBS:
+            self._known.popitem(last=False)
+
+    def _remembered(self, key: str) -> bool:
+        known = self._known.get(key)
+        if known is None:
+            return False
+        if known[0] < self._clock():
+            del self._known[key]
+            return False
+        return True
+
+    def probe(self, timeout: float) -> str | None:
+        """None when the bucket answers a HEAD within timeout seconds, else what went wrong
+        (with the operator's hint). For health checks: it does not mark S3 unavailable."""
+        try:
+            with gevent.Timeout(timeout):
+                self._client.head_bucket(Bucket=self._bucket)
+        except gevent.Timeout:
+            return f"no answer from S3 in {timeout:g}s"
+        except (ClientError, BotoCoreError) as exc:
+            code = (
+                exc.response.get("Error", {}).get("Code")
+                if isinstance(exc, ClientError)
+                else type(exc).__name__
+            )
+            return f"{exc}" + (f": {_HINTS[code]}" if code in _HINTS else "")
+        return None
+
+    def presigned_url(self, digest: Digest) -> str:
+        """A SigV4 URL that GETs the blob, valid for BLOBLO_PRESIGN_EXPIRES seconds."""
+        return self._presigner.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self._bucket, "Key": self.key(digest)},
+            ExpiresIn=self._expires,
+        )
+
+    def open(self, digest: Digest, byte_range: str | None) -> S3Object | None:
+        """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them."""
+        extra = {"Range": byte_range} if byte_range else {}
+        key = self.key(digest)
+        try:
+            with metrics.S3_DURATION.labels("get_object").time():
+                obj = self._client.get_object(Bucket=self._bucket, Key=key, **extra)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                self._known.pop(key, None)  # deleted since: serve it from upstream
+            elif status != 416:  # a range past the end: the upstream answers that itself
+                self.report_failure(exc)
+            return None
+        except BotoCoreError as exc:
+            self.report_failure(exc)
+            return None
+        return S3Object(
+            status=obj["ResponseMetadata"]["HTTPStatusCode"],
+            length=obj["ContentLength"],
+            content_range=obj.get("ContentRange"),
+            body=obj["Body"],
+        )
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Store a small blob as it is (for `bloblo check`; fills go through upload())."""
+        self._client.put_object(
+            Bucket=self._bucket,
+            Key=self.key(digest),
+            Body=data,
+            ContentType="application/octet-stream",
+        )
+
+    def upload(self, fileobj: BinaryIO, digest: Digest, size: int | None) -> None:
+        """Upload fileobj's bytes under the blob's key; publishes only if fileobj ends cleanly.
+
+        An exception from fileobj.read() aborts the upload: nothing appears under the key.
+        """
+        part = part_size(size)
+        config = TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=4, use_threads=True
+        )
+        config.max_in_memory_upload_chunks = 4  # bounds memory: about 5 parts per upload
+        with metrics.S3_DURATION.labels("upload").time():
+            self._client.upload_fileobj(
+                fileobj,
+                self._bucket,
+                self.key(digest),
+                ExtraArgs={"ContentType": "application/octet-stream"},
+                Config=config,
+            )
+        self._remember(digest, size)
+
+
+def part_size(size: int | None) -> int:
+    """Multipart part size for a blob of size bytes: 8 MiB, larger when needed to fit the parts."""
+    if not size:
+        return MIN_PART
+    return max(MIN_PART, math.ceil(size / MAX_PARTS / MIB) * MIB)
+
+
+def _client_config(path_style: bool) -> Config:
+    return Config(
+        signature_version="s3v4",
+        s3={
+            "addressing_style": "path" if path_style else "auto",
+            # The digest check before publishing covers integrity; hashing each part again
+            # for the signature would cost a second pass over every byte.
+            "payload_signing_enabled": False,
+        },
+        connect_timeout=2,
+        read_timeout=10,
+        retries={"max_attempts": 2, "mode": "standard"},
+        max_pool_connections=64,
+        # boto3 >= 1.36 sends CRC checksums that some S3-compatible stores reject.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )

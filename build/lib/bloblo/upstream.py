@@ -1,0 +1,155 @@
+"""The HTTP connection to the upstream registry: one connection pool per worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from . import metrics
+from .config import Settings
+from .errors import UpstreamTimeout, UpstreamUnavailable
+from .headers import origin
+
+LOG = logging.getLogger(__name__)
+
+# A header the connection takes as the request target instead of sending it: urllib3 re-quotes
+# the target it is given (`%2f` becomes `%2F`, `|` becomes `%7C`); the client's bytes must reach
+# the registry as sent (issue #6, part 3).
+RAW_TARGET = "X-Bloblo-Raw-Target"
+
+
+def _raw_target_request(connection_class):
+    class RawTarget(connection_class):
+        def request(self, method, url, body=None, headers=None, **kwargs):
+            target = headers.pop(RAW_TARGET, None) if headers is not None else None
+            super().request(method, target or url, body, headers, **kwargs)
+
+    RawTarget.__name__ = f"RawTarget{connection_class.__name__}"
+    return RawTarget
+
+
+class _RawTargetPool(HTTPConnectionPool):
+    ConnectionCls = _raw_target_request(HTTPConnection)
+
+
+class _RawTargetTLSPool(HTTPSConnectionPool):
+    ConnectionCls = _raw_target_request(HTTPSConnection)
+
+
+class _RawTargetAdapter(HTTPAdapter):
+    """requests' bare adapter whose connections send the request target byte for byte."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _RawTargetPool,
+            "https": _RawTargetTLSPool,
+        }
+
+
+class Upstream:
+    """Sends requests to the upstream registry exactly as given, and never follows redirects."""
+
+    def __init__(self, settings: Settings, pool_size: int = 256):
+        self.url = settings.upstream_url
+        self._timeout = (settings.upstream_connect_timeout, settings.upstream_read_timeout)
+        # The bare adapter, not a Session: a Session would keep one client's cookies for the
+        # next, read ~/.netrc and proxy settings, and consume redirect bodies even when told
+        # not to follow them.
+        self._adapter = _RawTargetAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self._origin = origin(self.url)
+        self._prefix = urlsplit(self.url).path  # an upstream URL may have a path
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: Iterable[bytes] | None = None,
+        content_length: int | None = None,
+        timeout: float | None = None,
+    ) -> requests.Response:
+        """Send `method target` upstream and return the response with its body unread.
+
+        target is the request path and query, passed byte for byte. A body with a known
+        content_length is sent as is, one without as chunked. timeout (seconds) replaces the
+        configured connect and read timeouts. Raises UpstreamUnavailable when the registry
+        cannot be reached and UpstreamTimeout when it does not answer in time.
+        """
+        prepared = requests.Request(method, self.url, data=body).prepare()
+        prepared.url = self.url + "/"  # where to connect: the target itself goes raw, below
+        prepared.headers.clear()
+        for name, value in headers:
+            if name in prepared.headers:  # repeated header: one comma-joined line (RFC 9110 5.3)
+                prepared.headers[name] += ", " + value
+            else:
+                prepared.headers[name] = value
+        prepared.headers[RAW_TARGET] = self._prefix + target  # replaces any a client sent
+        if content_length is not None:  # never Transfer-Encoding and Content-Length together
+            prepared.headers["Content-Length"] = str(content_length)
+        elif body is not None:
+            prepared.headers["Transfer-Encoding"] = "chunked"
+        try:
+            with metrics.UPSTREAM_DURATION.labels(method).time():
+                return self._adapter.send(prepared, stream=True, timeout=timeout or self._timeout)
+        except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
+            LOG.warning(
+                "upstream %s timed out on %s %s: %s", self.url, method, _path(target), _reason(exc)
+            )
+            raise UpstreamTimeout("the upstream registry did not answer in time") from None
+        except requests.RequestException as exc:
+            LOG.warning(
+                "upstream %s unreachable on %s %s: %s",
+                self.url,
+                method,
+                _path(target),
+                _reason(exc),
+            )
+            raise UpstreamUnavailable("the upstream registry cannot be reached") from None
+
+    def same_origin_target(self, location: str, base_target: str) -> str | None:
+        """The request target a Location leads to when it stays at the upstream, else None.
+
+        location may be relative (resolved against base_target) or absolute; it stays at the
+        upstream when scheme, host and port are the upstream's and the path is under its URL.
+        """
+        absolute = urljoin(self.url + base_target, location)
+        if origin(absolute) != self._origin:
+            return None
+        parts = urlsplit(absolute)
+        if not parts.path.startswith(self._prefix + "/"):
+            return None
+        target = parts.path[len(self._prefix) :]
+        return f"{target}?{parts.query}" if parts.query else target
+
+
+def release(response: requests.Response) -> None:
+    """Done with a response: its connection goes back to the pool if the body was read to the
+    end, and is closed otherwise (a client that left mid-blob must not leave it half-read).
+
+    Safe to call more than once. requests' own close() would always close the connection.
+    """
+    raw = response.raw
+    if raw.closed:
+        raw.release_conn()
+    elif raw.length_remaining == 0:  # e.g. a HEAD: read the empty rest, or the connection
+        raw.drain_conn()  # could not carry the next request
+    else:
+        response.close()
+
+
+def _reason(exc: requests.RequestException) -> object:
+    """What went wrong, without the request URL (its query may carry signed upload state)."""
+    inner = exc.args[0] if exc.args else exc
+    return getattr(inner, "reason", inner)
+
+
+def _path(target: str) -> str:
+    """The path of a request target, for logs: query strings may carry signed upload state."""
+    return target.split("?", 1)[0]
