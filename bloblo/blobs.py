@@ -147,6 +147,7 @@ class BlobPolicy:
 
     def _from_cache(self, req: Request, blob: BlobRef) -> Response | None:
         """A redirect to S3, or S3's bytes for clients that cannot follow one; None if S3 fails."""
+        self._store.refresh_if_old(blob.digest)
         if self._streams_for(req):
             _outcome(req, "s3_stream")
             return self._stream_from_s3(req, blob)

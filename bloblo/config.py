@@ -20,6 +20,7 @@ from marshmallow.validate import OneOf, Range, Regexp
 LOCALSTACK_ENDPOINT = "http://localhost:4566"
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 MAX_AUTH_CACHE_TTL = 60  # issue #3: remembered authorizations go stale fast
+MAX_CACHE_CHECK_SECONDS = 60  # issue #8: a deleted object is redirected to at most this long
 DEFAULT_TRUSTED_PROXIES = ["127.0.0.0/8", "::1/128"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -50,6 +51,12 @@ class Settings:
     s3_secret_key: str | None = field(default=None, repr=False)
 
     presign_expires: int = 1200
+    # How long a worker trusts that the bucket holds a blob before asking S3 again: a deleted
+    # object stops being redirected to within this long (issue #8, part 6).
+    cache_check_seconds: float = 30.0
+    # Redirecting to an object older than this copies it in place first (0: never), so that a
+    # lifecycle rule expiring objects N days after they were written spares blobs in use.
+    cache_refresh_seconds: float = 0.0
     auth_cache_ttl: float = 0.0
     spool_dir: str | None = None  # None: the temporary directory
     spool_max_bytes: int = 10 * 1024 * 1024 * 1024  # per worker
@@ -137,6 +144,20 @@ def _read(env: environs.Env) -> dict:
             1200,
             validate=Range(min=1, max=MAX_PRESIGN_EXPIRES, error="expected seconds, 1 to {max}"),
         ),
+        "cache_check": env.float(
+            "CACHE_CHECK_SECONDS",
+            30.0,
+            validate=Range(
+                min=0, max=MAX_CACHE_CHECK_SECONDS, error="expected seconds, 0 to {max}"
+            ),
+        ),
+        "cache_refresh": env.float(
+            "CACHE_REFRESH_SECONDS",
+            0.0,
+            validate=Range(
+                min=0, max=10 * 365 * 24 * 3600, error="expected seconds, 0 (never) to {max}"
+            ),
+        ),
         "auth_cache_ttl": env.float(
             "AUTH_CACHE_TTL",
             0.0,
@@ -199,6 +220,8 @@ def _settings(raw: dict) -> Settings:
         s3_access_key="test" if localstack else None,
         s3_secret_key="test" if localstack else None,
         presign_expires=raw["presign_expires"],
+        cache_check_seconds=raw["cache_check"],
+        cache_refresh_seconds=raw["cache_refresh"],
         auth_cache_ttl=raw["auth_cache_ttl"],
         spool_dir=raw["spool_dir"],
         spool_max_bytes=raw["spool_max_mb"] * 1024 * 1024,

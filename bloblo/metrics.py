@@ -71,6 +71,12 @@ UPSTREAM_DURATION = Histogram(
 S3_DURATION = Histogram(
     "bloblo_s3_request_duration_seconds", "Seconds an S3 operation took.", ["operation"]
 )
+CACHE_REFRESHES = Counter(
+    "bloblo_cache_refreshes_total",
+    "Objects copied in place because they were older than BLOBLO_CACHE_REFRESH_SECONDS, by "
+    "result: copied, failed.",
+    ["result"],
+)
 S3_AVAILABLE = Gauge(
     "bloblo_s3_available",
     "1 while S3 answers, 0 while bloblo serves from the registry after an S3 failure.",

@@ -22,11 +22,13 @@ from .names import Digest
 LOG = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+CONTENT_TYPE = "application/octet-stream"
 MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer while signing
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
 UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
-KNOWN_BLOBS = 100_000  # positive lookups remembered per worker (digests are immutable)
-KNOWN_TTL = 3600.0  # a deleted object is noticed within this long
+KNOWN_BLOBS = 100_000  # positive lookups remembered per worker
+# CopyObject copies at most 5 GiB; a larger object is copied in parts of this size.
+MAX_COPY = 5 * 1024 * MIB
 # Remembered blobs are redirected to only while S3 answered within this long: a redirect to a
 # dead S3 fails the pull, so a stale worker asks S3 again first (one request per interval).
 TRUST_SECONDS = 2.0
@@ -41,6 +43,15 @@ _HINTS = {
     "~/.aws) or set BLOBLO_USE_LOCALSTACK=true",
     "EndpointConnectionError": "check BLOBLO_S3_ENDPOINT_URL and that S3 is reachable",
 }
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What a worker remembers of a blob S3 said it holds."""
+
+    until: float  # monotonic seconds: ask S3 again after this (BLOBLO_CACHE_CHECK_SECONDS)
+    size: int | None
+    written: float  # epoch seconds when the object was last written (S3's LastModified)
 
 
 @dataclass
@@ -63,21 +74,27 @@ class S3Object:
 class BlobStore:
     """Blobs in one bucket under <prefix>blobs/<algorithm>/<hex>; one instance per worker."""
 
-    def __init__(self, settings: Settings, clock=time.monotonic):
+    def __init__(self, settings: Settings, clock=time.monotonic, wall_clock=time.time):
         self._bucket = settings.s3_bucket
         self._prefix = settings.s3_prefix
         self._expires = settings.presign_expires
-        self._clock = clock
+        self._check_seconds = settings.cache_check_seconds
+        self._refresh_after = settings.cache_refresh_seconds
+        self._clock, self._wall_clock = clock, wall_clock
+        self._refreshing: set[str] = set()
         self._unavailable_until = 0.0
         self._up = True
         metrics.S3_AVAILABLE.set(1)
         self._answered_at = float("-inf")
-        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key: (until, size)
+        self._known: OrderedDict[str, _Known] = OrderedDict()
         session = boto3.session.Session(
             aws_access_key_id=settings.s3_access_key,
             aws_secret_access_key=settings.s3_secret_key,
             region_name=settings.s3_region,
         )
+        # Temporary credentials (instance profile, STS, credential_process) carry an expiry
+        # that presigned URLs must not outlive; static ones have none.
+        self._credentials = session.get_credentials()
         config = _client_config(path_style=settings.s3_endpoint_url is not None)
         self._client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
         # Presigned URLs sign the host: sign for the endpoint clients reach.
@@ -120,7 +137,11 @@ class BlobStore:
         metrics.S3_AVAILABLE.set(0)
 
     def contains(self, digest: Digest) -> bool:
-        """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss."""
+        """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss.
+
+        A yes is remembered for BLOBLO_CACHE_CHECK_SECONDS (at most 60), and only while S3
+        answered within TRUST_SECONDS: an object deleted by a lifecycle rule or an operator is
+        redirected to for at most that long (issue #8, part 6)."""
         key = self.key(digest)
         if not self.available():
             return False
@@ -140,19 +161,20 @@ class BlobStore:
         except BotoCoreError as exc:
             self.report_failure(exc)
             return False
-        self._remember(digest, head["ContentLength"])
+        self._remember(digest, head["ContentLength"], head["LastModified"].timestamp())
         return True
 
     def size(self, digest: Digest) -> int | None:
         """The size of a blob the bucket was last seen to hold, if remembered."""
         known = self._known.get(self.key(digest))
-        return known[1] if known else None
+        return known.size if known else None
 
-    def _remember(self, digest: Digest, size: int) -> None:
-        """Record that the blob (size bytes) is in the bucket (S3 just said so)."""
+    def _remember(self, digest: Digest, size: int | None, written: float) -> None:
+        """Record that the blob (size bytes, last written at epoch seconds written) is in the
+        bucket: S3 just said so."""
         key = self.key(digest)
         self._answered_at = self._clock()
-        self._known[key] = (self._answered_at + KNOWN_TTL, size)
+        self._known[key] = _Known(self._answered_at + self._check_seconds, size, written)
         self._known.move_to_end(key)
         while len(self._known) > KNOWN_BLOBS:
             self._known.popitem(last=False)
@@ -161,7 +183,7 @@ class BlobStore:
         known = self._known.get(key)
         if known is None:
             return False
-        if known[0] < self._clock():
+        if known.until <= self._clock():
             del self._known[key]
             return False
         return True
@@ -184,12 +206,69 @@ class BlobStore:
         return None
 
     def presigned_url(self, digest: Digest) -> str:
-        """A SigV4 URL that GETs the blob, valid for BLOBLO_PRESIGN_EXPIRES seconds."""
+        """A SigV4 URL that GETs the blob, valid for BLOBLO_PRESIGN_EXPIRES seconds, or less:
+        never beyond the expiry of the temporary credentials that sign it (issue #8, part 6).
+
+        Raises botocore's NoCredentialsError when there are no credentials."""
         return self._presigner.generate_presigned_url(
             "get_object",
             Params={"Bucket": self._bucket, "Key": self.key(digest)},
-            ExpiresIn=self._expires,
+            ExpiresIn=presign_seconds(self._expires, self._credentials, self._wall_clock()),
         )
+
+    def refresh_if_old(self, digest: Digest) -> None:
+        """Copy the blob's object in place, in the background, if it was last written more than
+        BLOBLO_CACHE_REFRESH_SECONDS ago (never when that is 0): a lifecycle rule that expires
+        objects N days after they were written then spares the blobs clients still pull.
+        At most one copy per blob and worker runs at once; a failure is logged, not raised."""
+        key = self.key(digest)
+        known = self._known.get(key)
+        if (
+            not self._refresh_after
+            or known is None
+            or key in self._refreshing
+            or self._wall_clock() - known.written < self._refresh_after
+        ):
+            return
+        self._refreshing.add(key)
+        gevent.spawn(self._refresh_in_background, digest, key)
+
+    def _refresh_in_background(self, digest: Digest, key: str) -> None:
+        try:
+            self.refresh(digest)
+            metrics.CACHE_REFRESHES.labels("copied").inc()
+            LOG.info("refreshed %s in S3 (copied in place)", key)
+        except Exception as exc:
+            metrics.CACHE_REFRESHES.labels("failed").inc()
+            LOG.warning("could not refresh %s in S3 (a copy in place): %s", key, exc)
+        finally:
+            self._refreshing.discard(key)
+
+    def refresh(self, digest: Digest, largest_copy: int = MAX_COPY) -> None:
+        """Copy the blob's object onto itself, so that S3 counts it as written now. An object
+        above largest_copy bytes (5 GiB, CopyObject's limit) is copied in parts of that size
+        (UploadPartCopy); the object stays whole and readable throughout.
+
+        Needs s3:GetObject and s3:PutObject; raises botocore's ClientError or BotoCoreError."""
+        key = self.key(digest)
+        config = TransferConfig(
+            multipart_threshold=largest_copy + 1,
+            multipart_chunksize=largest_copy,
+            max_concurrency=4,
+            use_threads=True,
+        )
+        with metrics.S3_DURATION.labels("copy").time():
+            self._client.copy(
+                {"Bucket": self._bucket, "Key": key},
+                self._bucket,
+                key,
+                # S3 refuses a copy onto itself that changes nothing.
+                ExtraArgs={"MetadataDirective": "REPLACE", "ContentType": CONTENT_TYPE},
+                Config=config,
+            )
+        known = self._known.get(key)
+        if known is not None:
+            self._known[key] = _Known(known.until, known.size, self._wall_clock())
 
     def open(self, digest: Digest, byte_range: str | None) -> S3Object | None:
         """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them."""
@@ -221,7 +300,7 @@ class BlobStore:
             Bucket=self._bucket,
             Key=self.key(digest),
             Body=data,
-            ContentType="application/octet-stream",
+            ContentType=CONTENT_TYPE,
         )
 
     def upload(self, fileobj: BinaryIO, digest: Digest, size: int | None) -> None:
@@ -239,10 +318,23 @@ class BlobStore:
                 fileobj,
                 self._bucket,
                 self.key(digest),
-                ExtraArgs={"ContentType": "application/octet-stream"},
+                ExtraArgs={"ContentType": CONTENT_TYPE},
                 Config=config,
             )
-        self._remember(digest, size)
+        self._remember(digest, size, self._wall_clock())
+
+
+def presign_seconds(configured: int, credentials, now: float) -> int:
+    """The expiry, in seconds, of a URL presigned now (epoch seconds) with credentials:
+    configured, capped at what is left of temporary credentials (boto3's RefreshableCredentials
+    know their expiry; static keys have none), at least 1."""
+    if credentials is None:
+        return configured
+    credentials.get_frozen_credentials()  # renews credentials close to their expiry first
+    expiry = getattr(credentials, "_expiry_time", None)  # botocore exposes no public accessor
+    if expiry is None:
+        return configured
+    return max(1, min(configured, int(expiry.timestamp() - now)))
 
 
 def part_size(size: int | None) -> int:

@@ -22,6 +22,7 @@ def test_defaults_of_the_original_variables():
     assert s.s3_endpoint_url is None
     assert s.presign_expires == 1200
     assert s.auth_cache_ttl == 0
+    assert (s.cache_check_seconds, s.cache_refresh_seconds) == (30, 0)  # issue #8: expiry
 
 
 def test_use_localstack_means_local_endpoint_region_and_test_credentials(monkeypatch):
@@ -64,6 +65,8 @@ def test_listen_addresses(monkeypatch, addr, expected):
         ("BLOBLO_STREAM_NETWORKS", "10.0.0.0/33"),
         ("BLOBLO_STREAM_USER_AGENTS", "(unclosed"),
         ("BLOBLO_WORKERS", "0"),
+        ("BLOBLO_CACHE_CHECK_SECONDS", "61"),
+        ("BLOBLO_CACHE_REFRESH_SECONDS", "-1"),
     ],
 )
 def test_an_invalid_value_names_the_variable(monkeypatch, name, value):
