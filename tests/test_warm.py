@@ -126,7 +126,9 @@ def test_warm_pulls_with_a_password_from_stdin_or_docker_login_and_never_shows_i
     config = {"auths": {"https://index.docker.io/v1/": {"auth": "eDp5"}, token_registry.url: {}}}
     config["auths"][token_registry.url] = {"auth": auth}
     (docker / "config.json").write_text(json.dumps(config))
-    logged_in = _warm(token_registry, s3, bucket, tmp_path, "team/app:warm", DOCKER_CONFIG=str(docker))
+    logged_in = _warm(
+        token_registry, s3, bucket, tmp_path, "team/app:warm", DOCKER_CONFIG=str(docker)
+    )
     assert logged_in.returncode == 0, logged_in.stderr
     assert _summary(logged_in).startswith("2 blobs: 0 copied, 2 already cached, 0 failed")
 
