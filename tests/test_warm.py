@@ -4,9 +4,14 @@ client asks, through the proxy's verified fills, so that the first pull is alrea
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
+import os
+import pty
+import struct
 import subprocess
+import termios
 import uuid
 from pathlib import Path
 
@@ -26,18 +31,54 @@ def _warm(
 ) -> subprocess.CompletedProcess:
     """Run `bloblo warm ARGS` against registry and bucket; HOME is tmp_path (no docker login
     of this machine's user leaks in), extra is more environment."""
-    env = bloblo_env(free_port(), registry.url, s3.endpoint_url, bucket, 1, tmp_path, extra)
-    if "DOCKER_CONFIG" not in extra:
-        env.pop("DOCKER_CONFIG", None)
     return subprocess.run(
         [str(BLOBLO), "warm", *args],
-        env=env,
+        env=_env(registry, s3, bucket, tmp_path, extra),
         input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
         cwd=REPO,
     )
+
+
+def _env(registry, s3, bucket: str, tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = bloblo_env(free_port(), registry.url, s3.endpoint_url, bucket, 1, tmp_path, extra)
+    if "DOCKER_CONFIG" not in extra:
+        env.pop("DOCKER_CONFIG", None)
+    return env
+
+
+def _warm_on_a_terminal(registry, s3, bucket: str, tmp_path: Path, *args: str) -> tuple[str, str]:
+    """Run `bloblo warm ARGS` with stderr on a pseudo-terminal: (stdout, what the terminal got)."""
+    terminal, stderr = pty.openpty()
+    # A new terminal is 0 columns wide, and tqdm draws a 0-column bar: give it 120.
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        result = subprocess.run(
+            [str(BLOBLO), "warm", *args],
+            env=_env(registry, s3, bucket, tmp_path, {}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        os.close(stderr)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(terminal)
+    assert result.returncode == 0, shown
+    return result.stdout, shown.decode(errors="replace")
 
 
 def _repo() -> str:
@@ -82,6 +123,17 @@ def test_warm_copies_every_blob_then_finds_them_cached_and_bloblo_redirects_to_t
         for digest in _digests(image):
             answer = session.get(f"{bloblo.url}/v2/{repo}/blobs/{digest}", allow_redirects=False)
             assert answer.status_code == 307, digest
+
+
+def test_warm_draws_a_progress_bar_of_bytes_and_blobs_on_a_terminal(
+    plain_registry, s3, bucket, make_image, tmp_path
+):
+    image, repo = make_image(layers=[5000]), _repo()
+    push(image, plain_registry.host, repo)
+    stdout, terminal = _warm_on_a_terminal(plain_registry, s3, bucket, tmp_path, repo + ":latest")
+    assert stdout.startswith("2 blobs: 2 copied")
+    assert "blobs 2/2" in terminal and "100%" in terminal and "B/s" in terminal
+    assert "blobs:" not in terminal  # the summary goes to stdout only
 
 
 def test_warm_of_an_index_fills_the_platforms_asked_for_or_all(
