@@ -166,6 +166,8 @@ def warm(
         _fail(f"bucket s3://{settings.s3_bucket}: {problem}")
     try:
         summary = _warm(warmer, parsed_refs, parsed_platforms)
+    except KeyboardInterrupt:
+        _fail("interrupted: blobs whose fill had not ended are not cached")
     finally:
         warmer.close()
     click.echo(summary.line)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import requests
+import urllib3
 from gevent.pool import Pool
 
 from .blobs import _IDENTITY, _REDIRECTS, MAX_SAME_ORIGIN_HOPS, _plain_length
@@ -32,6 +34,8 @@ from .manifests import (
 from .names import Digest
 from .storage import BlobStore
 from .upstream import Upstream, release
+
+LOG = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution refuses bigger manifests
 MAX_NESTING = 4  # an index of indexes of ...: deeper is refused
@@ -133,10 +137,7 @@ class Warmer:
         """The manifest's bytes and Content-Type (distribution spec "Pulling manifests")."""
         target = f"/v2/{ref.name}/manifests/{ref.reference}"
         answer = self._get(ref.name, target, [("Accept", ACCEPT)])
-        try:
-            body = answer.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
-        finally:
-            release(answer)
+        body = _read(answer, MAX_MANIFEST_BYTES + 1)
         if answer.status_code != 200:
             raise WarmError(_refusal(answer, body, "manifest"))
         if len(body) > MAX_MANIFEST_BYTES:
@@ -181,6 +182,9 @@ class Warmer:
             self._fill(blob, advance)
         except (WarmError, CredentialsError) as exc:
             return blob, FAILED, str(exc)
+        except Exception as exc:  # one blob's surprise must not stop the others
+            LOG.exception("warming %s failed", blob.digest)
+            return blob, FAILED, f"{type(exc).__name__}: {exc}"
         return blob, COPIED, None
 
     def _fill(self, blob: Blob, advance: Callable[[int], None]) -> None:
@@ -188,7 +192,7 @@ class Warmer:
         answer = self._blob_answer(blob)
         size = _plain_length(answer)
         if size is None:
-            body = answer.raw.read(ERROR_BYTES) if answer.status_code != 200 else b""
+            body = _read(answer, ERROR_BYTES) if answer.status_code != 200 else b""
             release(answer)
             raise WarmError(_refusal(answer, body, "blob"))
         fill = self.fills.reserve(blob.digest)
@@ -222,6 +226,16 @@ class Warmer:
             if target is None:
                 raise WarmError("upstream redirects this blob to another origin: not cacheable")
         raise WarmError(f"more than {MAX_SAME_ORIGIN_HOPS} redirects")
+
+
+def _read(answer: requests.Response, limit: int) -> bytes:
+    """Up to limit bytes of answer's body (decoded), then the answer is released."""
+    try:
+        return answer.raw.read(limit, decode_content=True)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise WarmError(f"the registry broke off its answer: {type(exc).__name__}") from None
+    finally:
+        release(answer)
 
 
 def _advance(advance: Callable[[int], None], count: int) -> int:
