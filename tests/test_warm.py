@@ -19,9 +19,10 @@ import pytest
 
 from tests.stack.bloblo import REPO, bloblo_env
 from tests.stack.cache import bucket_keys, cached
+from tests.stack.fake_upstream import FakeUpstream, Reply, Seen
 from tests.stack.images import push, push_index
 from tests.stack.procs import free_port, local_session
-from tests.stack.regclient import RegistryClient
+from tests.stack.regclient import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, RegistryClient
 
 BLOBLO = REPO / ".venv" / "bin" / "bloblo"
 
@@ -230,3 +231,50 @@ def test_a_reference_warm_cannot_use_is_a_usage_error(plain_registry, s3, tmp_pa
     result = _warm(plain_registry, s3, "unused", tmp_path, ref)
     assert result.returncode == 2
     assert ref in result.stderr and "Traceback" not in result.stderr
+
+
+def test_warm_answers_a_basic_challenge_and_says_when_credentials_are_missing(
+    basic_registry, alice, s3, bucket, make_image, tmp_path
+):
+    image = make_image(layers=[1200])
+    push(image, basic_registry.host, "team/app", tag="warm-basic", creds=alice)
+    user, password = alice
+    logged_in = _warm(
+        basic_registry, s3, bucket, tmp_path, "team/app:warm-basic", "--username", user,
+        "--password-stdin", stdin=password,
+    )  # fmt: skip
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert _summary(logged_in).startswith("2 blobs: 2 copied")
+
+    anonymous = _warm(basic_registry, s3, bucket, tmp_path, "team/app:warm-basic")
+    assert anonymous.returncode == 1
+    assert "--password-stdin" in anonymous.stderr
+
+
+def test_a_blob_redirected_to_another_origin_is_not_cacheable(s3, bucket, tmp_path):
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "c", "digest": config_digest, "size": len(config)},
+            "layers": [],
+        }
+    ).encode()
+
+    def answer(seen: Seen) -> Reply:
+        if "/manifests/" in seen.target:
+            return Reply(200, [("Content-Type", OCI_MANIFEST)], manifest)
+        return Reply(307, [("Location", "http://127.0.0.2:9/elsewhere")])
+
+    with FakeUpstream(answer) as upstream:
+        result = _warm(upstream, s3, bucket, tmp_path, "team/app:1")
+    assert result.returncode == 1
+    assert "another origin: not cacheable" in result.stderr
+    assert _summary(result).startswith("1 blobs: 0 copied, 0 already cached, 1 failed")
+    manifest_get, blob_get = upstream.seen  # the redirect was not followed
+    accepted = manifest_get.header_values("Accept")[0]
+    assert all(media_type in accepted for media_type in (OCI_MANIFEST, OCI_INDEX, DOCKER_LIST))
+    assert blob_get.target == f"/v2/team/app/blobs/{config_digest}"
+    assert blob_get.header_values("Accept-Encoding") == ["identity"]
