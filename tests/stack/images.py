@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.stack.procs import run
-from tests.stack.regclient import CHUNK, OCI_MANIFEST, RegistryClient
+from tests.stack.regclient import CHUNK, OCI_INDEX, OCI_MANIFEST, RegistryClient
 
 LOG = logging.getLogger(__name__)
 
@@ -319,3 +319,25 @@ def push_big_blob(
     manifest = _manifest(config_digest, len(config), [Layer(digest, size, digest)], OCI_LAYER_TAR)
     manifest_digest = client.push_manifest(repo, tag, manifest, OCI_MANIFEST)
     return BigBlob(path, digest, size, manifest_digest)
+
+
+def push_index(
+    client: RegistryClient, repo: str, tag: str, images: Iterable[tuple[Image, str]]
+) -> str:
+    """Push each image by digest to repo, then an OCI index `repo:tag` listing them, each with
+    its platform ("os/arch[/variant]"); return the index's digest."""
+    manifests = []
+    for image, platform in images:
+        push(image, client.base_url.split("://", 1)[1], repo, creds=client.creds)
+        os_, arch, *variant = platform.split("/")
+        entry = {"os": os_, "architecture": arch, **({"variant": variant[0]} if variant else {})}
+        manifests.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": image.manifest_digest,
+                "size": image.manifest_size,
+                "platform": entry,
+            }
+        )
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+    return client.push_manifest(repo, tag, json.dumps(index).encode(), OCI_INDEX)
