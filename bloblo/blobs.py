@@ -22,14 +22,17 @@ from .logs import OUTCOME
 from .names import BlobRef
 from .proxy import CHUNK, Forwarder, client_of, raw_target
 from .storage import BlobStore
-from .upstream import Upstream, release
+from .upstream import (
+    IDENTITY,
+    MAX_SAME_ORIGIN_HOPS,
+    REDIRECTS,
+    Upstream,
+    plain_length,
+    release,
+)
 
 LOG = logging.getLogger(__name__)
 
-MAX_SAME_ORIGIN_HOPS = 3  # redirects of the HEAD followed within the upstream (issue #6, part 1)
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# A blob bloblo verifies and caches must arrive as its plain bytes (issue #6, part 2).
-_IDENTITY = [("Accept-Encoding", "identity")]
 # Conditional requests pass through to the upstream; a fill serves plain GETs (issue #7).
 _CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range")
 # Conditional and range headers change what a HEAD answers; authorization must not depend on
@@ -126,7 +129,7 @@ class BlobPolicy:
                 req, method=method, target=target, body=False, drop=drop, add=add
             )
             location = answer.headers.get("Location")
-            if answer.status_code not in _REDIRECTS or location is None:
+            if answer.status_code not in REDIRECTS or location is None:
                 return answer
             following = self._upstream.same_origin_target(location, target)
             if following is None or hop == MAX_SAME_ORIGIN_HOPS:
@@ -206,11 +209,11 @@ class BlobPolicy:
         if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
             return self._uncached(req, target)
         try:
-            upstream = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=_IDENTITY)
+            upstream = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=IDENTITY)
         except BaseException:  # also GreenletExit: joiners must not wait for it
             fill.cancel()
             raise
-        size = _plain_length(upstream)
+        size = plain_length(upstream)
         if size is None or not fill.begin(upstream, size, upstream.raw.headers.items()):
             fill.cancel()
             if "Range" in req.headers:  # that answer was to a whole-blob GET, not the client's
@@ -260,15 +263,6 @@ def _passed_through(count: int) -> None:
     """Blob bytes the upstream sent a client uncached."""
     metrics.BLOB_BYTES.labels("upstream").inc(count)
     metrics.UPSTREAM_BYTES.inc(count)
-
-
-def _plain_length(upstream: requests.Response) -> int | None:
-    """The length of a 200 that carries the blob's plain bytes, else None."""
-    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-    length = upstream.headers.get("Content-Length", "")
-    if upstream.status_code != 200 or encoding != "identity" or not length.isdigit():
-        return None
-    return int(length)
 
 
 def _single_range(value: str, size: int) -> tuple[int, int] | None:

@@ -22,6 +22,11 @@ LOG = logging.getLogger(__name__)
 # the target it is given (`%2f` becomes `%2F`, `|` becomes `%7C`); the client's bytes must reach
 # the registry as sent (issue #6, part 3).
 RAW_TARGET = "X-Bloblo-Raw-Target"
+# What a fill asks of the upstream, and what it follows (issues #6 and #7): the blob's plain
+# bytes, through redirects that stay at the upstream, at most MAX_SAME_ORIGIN_HOPS of them.
+IDENTITY = [("Accept-Encoding", "identity")]
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_SAME_ORIGIN_HOPS = 3
 
 
 def _raw_target_request(connection_class):
@@ -142,6 +147,16 @@ def release(response: requests.Response) -> None:
         raw.drain_conn()  # could not carry the next request
     else:
         response.close()
+
+
+def plain_length(answer: requests.Response) -> int | None:
+    """The length of a 200 that carries a blob's plain bytes (no Content-Encoding, a
+    Content-Length), else None: only such an answer can be verified and cached."""
+    encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
+    length = answer.headers.get("Content-Length", "")
+    if answer.status_code != 200 or encoding != "identity" or not length.isdigit():
+        return None
+    return int(length)
 
 
 def _reason(exc: requests.RequestException) -> object:

@@ -17,7 +17,6 @@ import requests
 import urllib3
 from gevent.pool import Pool
 
-from .blobs import _IDENTITY, _REDIRECTS, MAX_SAME_ORIGIN_HOPS, _plain_length
 from .config import Settings
 from .credentials import Authorizer, Credentials, CredentialsError
 from .errors import RegistryError
@@ -33,7 +32,14 @@ from .manifests import (
 )
 from .names import Digest
 from .storage import BlobStore
-from .upstream import Upstream, release
+from .upstream import (
+    IDENTITY,
+    MAX_SAME_ORIGIN_HOPS,
+    REDIRECTS,
+    Upstream,
+    plain_length,
+    release,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ class Warmer:
     def _fill(self, blob: Blob, advance: Callable[[int], None]) -> None:
         """Fill one blob through Fills; raise WarmError unless it is published."""
         answer = self._blob_answer(blob)
-        size = _plain_length(answer)
+        size = plain_length(answer)
         if size is None:
             body = _read(answer, ERROR_BYTES) if answer.status_code != 200 else b""
             release(answer)
@@ -217,9 +223,9 @@ class Warmer:
         stay at the upstream, at most MAX_SAME_ORIGIN_HOPS (as the proxy's fills do)."""
         target = f"/v2/{blob.name}/blobs/{blob.digest}"
         for _ in range(MAX_SAME_ORIGIN_HOPS + 1):
-            answer = self._get(blob.name, target, _IDENTITY)
+            answer = self._get(blob.name, target, IDENTITY)
             location = answer.headers.get("Location")
-            if answer.status_code not in _REDIRECTS or location is None:
+            if answer.status_code not in REDIRECTS or location is None:
                 return answer
             release(answer)
             target = self.upstream.same_origin_target(location, target)

@@ -5,6 +5,7 @@ Installs into a fresh venv from the same package index `make install` uses (abou
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,17 @@ def _pins(lock: Path) -> dict[str, str]:
 
 
 def test_pip_install_brings_the_runtime_lock_and_no_test_tool(tmp_path):
+    source = tmp_path / "source"  # a copy: setuptools builds in the tree it installs from
+    shutil.copytree(
+        REPO / "bloblo", source / "bloblo", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "pip"), "--disable-pip-version-check"]
     install = subprocess.run(
-        [*pip, "install", "--quiet", "-c", str(REPO / "requirements.lock"), str(REPO)],
+        [*pip, "install", "--quiet", "-c", str(REPO / "requirements.lock"), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
