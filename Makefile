@@ -1,5 +1,6 @@
 # bloblo: `make run` starts it (with an embedded demo stack when nothing is configured),
-# `make test` installs everything the tests need and runs them.
+# `make test` installs everything the tests need and runs them; `make install` is the server's
+# runtime alone (a production host).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -10,15 +11,24 @@ PYTHON313   ?= $(shell for p in $$HOME/.pyenv/versions/3.13*/bin/python3.13 $$(c
                  "$$p" -c 'import sys' 2>/dev/null && { echo "$$p"; break; }; done)
 APT_PACKAGES := docker-registry skopeo docker.io systemd
 
-.PHONY: install run test bench lint lock clean
+.PHONY: install dev run test bench lint lock clean
 
-install: $(BIN)/.installed localstack-host system-packages
+# What the server needs, and all a production host gets: the venv with the runtime lock and the
+# bloblo command (the systemd unit runs .venv/bin/gunicorn from the checkout).
+install: $(BIN)/.installed
 
-# The runtime lock is what `pip install .` brings; the test lock adds the test and demo tools.
-$(BIN)/.installed: requirements.lock requirements-test.lock pyproject.toml
+$(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.lock -r requirements-test.lock
+	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .  # the bloblo command
+	touch $@
+
+# What the tests, the demo and the benchmarks add: the test lock, Debian's registry, skopeo and
+# docker, LocalStack on the host.
+dev: $(BIN)/.installed-dev localstack-host system-packages
+
+$(BIN)/.installed-dev: $(BIN)/.installed requirements-test.lock
+	$(BIN)/pip install --quiet -r requirements.lock -r requirements-test.lock
 	touch $@
 
 .PHONY: system-packages localstack-host
@@ -40,20 +50,20 @@ $(LS_VENV)/.installed: localstack/requirements-host.txt
 	  $(LS_VENV)/bin/pip install --quiet -r localstack/requirements-host.txt && touch $@; \
 	fi
 
-run: install
+run: dev
 	@if [ -n "$$BLOBLO_UPSTREAM_URL" ] || grep -qs '^BLOBLO_UPSTREAM_URL=' .env; then \
 	  exec $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app; \
 	else \
 	  exec $(BIN)/python -m tests.stack.demo; \
 	fi
 
-test: install
+test: dev
 	$(BIN)/pytest tests
 
-bench: install
+bench: dev
 	$(BIN)/python -m bench
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

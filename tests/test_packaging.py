@@ -80,3 +80,20 @@ def test_the_test_lock_holds_the_test_tools_and_nothing_of_the_runtime_lock():
             assert name in runtime and name not in TEST_TOOLS, requirement
         else:  # extra == "test"
             assert name in test, requirement
+
+
+def _make_commands(target: str) -> str:
+    """The commands `make TARGET` would run from scratch (-B: as if nothing were built)."""
+    return subprocess.run(
+        ["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_make_install_is_the_runtime_alone_and_make_test_adds_the_tools():
+    install = _make_commands("install")
+    assert "requirements.lock" in install and "pip install --quiet --no-deps -e ." in install
+    for tool in ("requirements-test.lock", "apt-get", "localstack"):
+        assert tool not in install, f"make install brings {tool}"
+    test = _make_commands("test")
+    for tool in ("requirements-test.lock", "docker-registry", "localstack"):
+        assert tool in test, f"make test lacks {tool}"
