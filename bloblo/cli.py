@@ -167,7 +167,8 @@ def warm(
     try:
         summary = _warm(warmer, parsed_refs, parsed_platforms)
     except KeyboardInterrupt:
-        _fail("interrupted: blobs whose fill had not ended are not cached")
+        click.echo("error: interrupted: blobs whose fill had not ended are not cached", err=True)
+        sys.exit(130)  # as a shell reports SIGINT
     finally:
         warmer.close()
     click.echo(summary.line)

@@ -63,6 +63,12 @@ def lookup(config: dict, host: str, source: str = "config.json") -> Credentials 
     """The credentials in a parsed docker config for host (host[:port]); see
     from_docker_config."""
     host = host.lower()
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("auths") or {}, dict)
+        and isinstance(config.get("credHelpers") or {}, dict)
+    ):
+        raise CredentialsError(f"{source} is not a docker config.json")
     helpers = config.get("credHelpers") or {}
     entry = next(
         (value for key, value in (config.get("auths") or {}).items() if _host_of(key) == host),
@@ -73,6 +79,8 @@ def lookup(config: dict, host: str, source: str = "config.json") -> Credentials 
         raise CredentialsError(f"{source}: {host} uses a credential helper; {use_flags}")
     if entry is None:
         return None
+    if not isinstance(entry, dict):
+        raise CredentialsError(f"{source}: the entry of {host} is not an object")
     if entry.get("identitytoken"):
         raise CredentialsError(f"{source}: {host} has an identity token (OAuth2); {use_flags}")
     if entry.get("auth"):
@@ -167,6 +175,8 @@ class Authorizer:
                 body = answer.json() if answer.status_code == 200 else {}
             except ValueError:
                 body = {}
+        if not isinstance(body, dict):
+            body = {}
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
             raise CredentialsError(

@@ -116,6 +116,8 @@ class Fill:
                 # themselves (an upload alongside made a cold pull twice as slow, issue #7).
                 if self._owner.store.available():
                     self._upload()
+                else:
+                    LOG.warning("S3 is unavailable: %s not uploaded, stays uncached", self.digest)
         except (FillBroken, SpoolError, requests.RequestException, OSError) as exc:
             self._break(str(exc) or type(exc).__name__)
         except Exception as exc:  # urllib3's ProtocolError and kin: the upstream broke off

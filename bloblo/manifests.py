@@ -167,18 +167,28 @@ def parse_manifest(
             return _index(media_type, document, name, platforms)
         if media_type in IMAGE_TYPES:
             return _image(media_type, document, name)
-    except (KeyError, TypeError, RegistryError) as exc:
+    except (KeyError, TypeError, AttributeError, RegistryError) as exc:  # a wrong shape
         raise ManifestError(f"a malformed {media_type}: {exc}") from None
     raise ManifestError(f"unsupported manifest type {media_type!r}")
 
 
 def _index(media_type: str, document: dict, name: str, platforms: tuple[Platform, ...]) -> Parsed:
+    entries = document["manifests"]
     children = tuple(
         Ref(name, str(parse_digest(entry["digest"])))
-        for entry in document["manifests"]
+        for entry in entries
         if not platforms or any(p.matches(entry.get("platform")) for p in platforms)
     )
+    if platforms and entries and not children:  # as `docker pull --platform`: nothing is wrong
+        offered = sorted({_platform_text(entry.get("platform")) for entry in entries})
+        asked = ", ".join(map(str, platforms))
+        raise ManifestError(f"no manifest for {asked} in this index (it has {', '.join(offered)})")
     return Parsed(media_type, children=children)
+
+
+def _platform_text(platform: dict) -> str:
+    parts = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
+    return "/".join(str(part) for part in parts if part)
 
 
 def _image(media_type: str, document: dict, name: str) -> Parsed:
@@ -193,6 +203,6 @@ def _image(media_type: str, document: dict, name: str) -> Parsed:
 
 def _blob(name: str, descriptor: dict) -> Blob:
     size = descriptor["size"]
-    if not isinstance(size, int) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise TypeError(f"size {size!r} of {descriptor.get('digest')}")
     return Blob(name, parse_digest(descriptor["digest"]), size)

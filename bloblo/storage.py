@@ -29,12 +29,14 @@ UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without a
 KNOWN_BLOBS = 100_000  # positive lookups remembered per worker
 # CopyObject copies at most 5 GiB; a larger object is copied in parts of this size.
 MAX_COPY = 5 * 1024 * MIB
+REFRESH_RETRY_SECONDS = 300.0  # after a failed refresh of a blob, a worker waits this long
 # Remembered blobs are redirected to only while S3 answered within this long: a redirect to a
 # dead S3 fails the pull, so a stale worker asks S3 again first (one request per interval).
 TRUST_SECONDS = 2.0
 
 _HINTS = {
     "NoSuchBucket": "create the bucket, or set BLOBLO_S3_BUCKET_NAME",
+    "404": "no such bucket: create it, or set BLOBLO_S3_BUCKET_NAME",  # HeadBucket's code
     "AccessDenied": "the credentials lack s3:GetObject/PutObject on the bucket",
     "InvalidAccessKeyId": "check the AWS credentials bloblo runs with",
     "SignatureDoesNotMatch": "check the AWS secret key and BLOBLO_S3_REGION",
@@ -74,14 +76,24 @@ class S3Object:
 class BlobStore:
     """Blobs in one bucket under <prefix>blobs/<algorithm>/<hex>; one instance per worker."""
 
-    def __init__(self, settings: Settings, clock=time.monotonic, wall_clock=time.time):
+    def __init__(
+        self,
+        settings: Settings,
+        clock=time.monotonic,
+        wall_clock=time.time,
+        unavailable_seconds: float = UNAVAILABLE_SECONDS,
+    ):
+        """unavailable_seconds: how long a failure of S3 makes available() False (0: never,
+        for a tool whose only job is to fill S3)."""
         self._bucket = settings.s3_bucket
+        self._unavailable_seconds = unavailable_seconds
         self._prefix = settings.s3_prefix
         self._expires = settings.presign_expires
         self._check_seconds = settings.cache_check_seconds
         self._refresh_after = settings.cache_refresh_seconds
         self._clock, self._wall_clock = clock, wall_clock
         self._refreshing: set[str] = set()
+        self._refresh_retry: dict[str, float] = {}  # key: when a failed refresh may be retried
         self._unavailable_until = 0.0
         self._up = True
         metrics.S3_AVAILABLE.set(1)
@@ -130,11 +142,12 @@ class BlobStore:
                 self._bucket,
                 exc,
                 f": {_HINTS[code]}" if code in _HINTS else "",
-                UNAVAILABLE_SECONDS,
+                self._unavailable_seconds,
             )
-        self._unavailable_until = self._clock() + UNAVAILABLE_SECONDS
-        self._up = False
-        metrics.S3_AVAILABLE.set(0)
+        self._unavailable_until = self._clock() + self._unavailable_seconds
+        if self._unavailable_seconds:
+            self._up = False
+            metrics.S3_AVAILABLE.set(0)
 
     def contains(self, digest: Digest) -> bool:
         """Whether the blob is in the bucket. Never raises: a failing S3 counts as a miss.
@@ -222,25 +235,40 @@ class BlobStore:
         objects N days after they were written then spares the blobs clients still pull.
         At most one copy per blob and worker runs at once; a failure is logged, not raised."""
         key = self.key(digest)
-        known = self._known.get(key)
-        if (
-            not self._refresh_after
-            or known is None
-            or key in self._refreshing
-            or self._wall_clock() - known.written < self._refresh_after
-        ):
+        if not self.is_stale(digest) or key in self._refreshing:
+            return
+        if self._refresh_retry.get(key, 0.0) > self._clock():  # it failed a moment ago
             return
         self._refreshing.add(key)
         gevent.spawn(self._refresh_in_background, digest, key)
+
+    def is_stale(self, digest: Digest) -> bool:
+        """Whether the blob, remembered in the bucket, was last written more than
+        BLOBLO_CACHE_REFRESH_SECONDS ago (never when that is 0)."""
+        known = self._known.get(self.key(digest))
+        return bool(
+            self._refresh_after
+            and known is not None
+            and self._wall_clock() - known.written >= self._refresh_after
+        )
 
     def _refresh_in_background(self, digest: Digest, key: str) -> None:
         try:
             self.refresh(digest)
             metrics.CACHE_REFRESHES.labels("copied").inc()
             LOG.info("refreshed %s in S3 (copied in place)", key)
+            self._refresh_retry.pop(key, None)
         except Exception as exc:
             metrics.CACHE_REFRESHES.labels("failed").inc()
-            LOG.warning("could not refresh %s in S3 (a copy in place): %s", key, exc)
+            LOG.warning(
+                "could not refresh %s in S3 (a copy in place), next try in %gs: %s",
+                key,
+                REFRESH_RETRY_SECONDS,
+                exc,
+            )
+            if len(self._refresh_retry) >= KNOWN_BLOBS:
+                self._refresh_retry.clear()
+            self._refresh_retry[key] = self._clock() + REFRESH_RETRY_SECONDS
         finally:
             self._refreshing.discard(key)
 

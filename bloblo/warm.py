@@ -13,8 +13,11 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import gevent
 import requests
 import urllib3
+from botocore.exceptions import BotoCoreError, ClientError
+from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from .config import Settings
@@ -47,6 +50,7 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution refuses bigger manifests
 MAX_NESTING = 4  # an index of indexes of ...: deeper is refused
 ERROR_BYTES = 64 * 1024  # of an error answer to a blob GET, for its message
 PROGRESS_SECONDS = 0.25  # how often a running fill's bytes are reported
+ROOM_SECONDS = 0.1  # how often a blob waiting for spool room looks again
 
 COPIED, CACHED, FAILED = "copied", "cached", "failed"
 
@@ -99,10 +103,13 @@ class Warmer:
     def __init__(self, settings: Settings, credentials: Credentials | None, jobs: int):
         settings = dataclasses.replace(settings, max_fills=max(settings.max_fills, jobs))
         self.upstream = Upstream(settings, pool_size=jobs + 2)
-        self.store = BlobStore(settings)
+        # No circuit breaker: the proxy stops asking a failing S3 for a while and serves from
+        # the registry, but warm's only job is S3, so each blob asks it again.
+        self.store = BlobStore(settings, unavailable_seconds=0)
         self.fills = Fills(settings, self.store)
         self.jobs = jobs
         self._auth = Authorizer(credentials)
+        self._admission = Semaphore()  # one blob at a time waits for spool room, then starts
 
     def close(self) -> None:
         """Close the token service's connections."""
@@ -181,10 +188,12 @@ class Warmer:
         return summary
 
     def _warm(self, blob: Blob, advance: Callable[[int], None]):
-        if self.store.contains(blob.digest):
-            advance(blob.size)
-            return blob, CACHED, None
         try:
+            if self.store.contains(blob.digest):
+                if self.store.is_stale(blob.digest):  # a lifecycle rule's age restarts now
+                    self._refresh(blob)
+                advance(blob.size)
+                return blob, CACHED, None
             self._fill(blob, advance)
         except (WarmError, CredentialsError) as exc:
             return blob, FAILED, str(exc)
@@ -193,14 +202,47 @@ class Warmer:
             return blob, FAILED, f"{type(exc).__name__}: {exc}"
         return blob, COPIED, None
 
+    def _refresh(self, blob: Blob) -> None:
+        """Copy a cached blob older than BLOBLO_CACHE_REFRESH_SECONDS in place; it stays cached
+        if that fails (the warning says why)."""
+        try:
+            self.store.refresh(blob.digest)
+        except (ClientError, BotoCoreError) as exc:
+            LOG.warning("%s is cached; its refresh (a copy in place) failed: %s", blob.digest, exc)
+
     def _fill(self, blob: Blob, advance: Callable[[int], None]) -> None:
-        """Fill one blob through Fills; raise WarmError unless it is published."""
+        """Fill one blob through Fills; raise WarmError unless it is published.
+
+        Blobs wait their turn for spool room (BLOBLO_SPOOL_MAX_MB): only a blob larger than
+        the whole budget fails for lack of it."""
+        budget = self.fills.budget
+        if blob.size > budget.max_bytes:
+            raise WarmError(
+                f"{blob.size} bytes do not fit in BLOBLO_SPOOL_MAX_MB ({budget.max_bytes} bytes)"
+            )
+        with self._admission:
+            while budget.used + blob.size > budget.max_bytes:
+                gevent.sleep(ROOM_SECONDS)  # the fills running free their room as they end
+            fill = self._begin(blob)
+        reported = 0
+        while not fill.done.wait(PROGRESS_SECONDS):
+            reported += _advance(advance, fill.spool.written - reported)
+        _advance(advance, blob.size - reported)
+        if fill.result != "published":
+            raise WarmError(fill.broken or "S3 refused the upload or was unavailable (see above)")
+
+    def _begin(self, blob: Blob):
+        """The running fill of blob: its GET answered with the blob's plain bytes, of the size
+        the manifest gives (OCI image-spec descriptor.md: size must match the content)."""
         answer = self._blob_answer(blob)
         size = plain_length(answer)
         if size is None:
             body = _read(answer, ERROR_BYTES) if answer.status_code != 200 else b""
             release(answer)
             raise WarmError(_refusal(answer, body, "blob"))
+        if size != blob.size:
+            release(answer)
+            raise WarmError(f"the registry sends {size} bytes, the manifest says {blob.size}")
         fill = self.fills.reserve(blob.digest)
         if fill is None:  # cannot happen: one reservation per digest, max_fills >= jobs
             release(answer)
@@ -208,15 +250,8 @@ class Warmer:
         if not fill.begin(answer, size, answer.raw.headers.items()):
             fill.cancel()
             release(answer)
-            raise WarmError(
-                f"no spool room for {size} bytes: check BLOBLO_SPOOL_DIR and BLOBLO_SPOOL_MAX_MB"
-            )
-        reported = 0
-        while not fill.done.wait(PROGRESS_SECONDS):
-            reported += _advance(advance, fill.spool.written - reported)
-        _advance(advance, blob.size - reported)
-        if fill.result != "published":
-            raise WarmError(fill.broken or f"the S3 upload {fill.result} (see the log above)")
+            raise WarmError(f"no spool file for {size} bytes: check BLOBLO_SPOOL_DIR")
+        return fill
 
     def _blob_answer(self, blob: Blob) -> requests.Response:
         """The upstream's answer to the blob's GET, in plain bytes, following redirects that

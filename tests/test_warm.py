@@ -157,6 +157,12 @@ def test_warm_of_an_index_fills_the_platforms_asked_for_or_all(
     assert _summary(every).startswith("4 blobs: 2 copied, 2 already cached, 0 failed")
     _assert_cached(s3, bucket, arm64)
 
+    # A platform the index lacks is a failure, as with `docker pull --platform`: not silence.
+    none = _warm(plain_registry, s3, bucket, tmp_path, f"{repo}:multi", "--platform", "linux/s390x")
+    assert none.returncode == 1
+    assert "no manifest for linux/s390x" in none.stderr and "linux/arm64/v8" in none.stderr
+    assert _summary(none).startswith("1 blobs: 0 copied, 0 already cached, 1 failed")
+
 
 def test_warm_pulls_with_a_password_from_stdin_or_docker_login_and_never_shows_it(
     token_registry, alice, s3, bucket, make_image, tmp_path
@@ -278,3 +284,70 @@ def test_a_blob_redirected_to_another_origin_is_not_cacheable(s3, bucket, tmp_pa
     assert all(media_type in accepted for media_type in (OCI_MANIFEST, OCI_INDEX, DOCKER_LIST))
     assert blob_get.target == f"/v2/team/app/blobs/{config_digest}"
     assert blob_get.header_values("Accept-Encoding") == ["identity"]
+
+
+def _one_layer_upstream(layer: bytes, served: bytes, size: int | None = None):
+    """A fake upstream with one image: its layer's descriptor names layer's digest (and size,
+    unless another is given), and its blob GET sends served."""
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    digests = {
+        "config": "sha256:" + hashlib.sha256(config).hexdigest(),
+        "layer": "sha256:" + hashlib.sha256(layer).hexdigest(),
+    }
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "c", "digest": digests["config"], "size": len(config)},
+            "layers": [{"mediaType": "l", "digest": digests["layer"], "size": size or len(layer)}],
+        }
+    ).encode()
+
+    def answer(seen: Seen) -> Reply:
+        if "/manifests/" in seen.target:
+            return Reply(200, [("Content-Type", OCI_MANIFEST)], manifest)
+        body = config if seen.target.endswith(digests["config"]) else served
+        return Reply(200, [("Content-Type", "application/octet-stream")], body)
+
+    return FakeUpstream(answer), digests
+
+
+def test_a_registry_that_sends_a_wrong_blob_gets_nothing_published(s3, bucket, tmp_path):
+    layer = os.urandom(300_000)
+    wrong = bytearray(layer)
+    wrong[1000] ^= 1  # one bit: the same length, another digest
+    upstream, digests = _one_layer_upstream(layer, bytes(wrong))
+    with upstream:
+        result = _warm(upstream, s3, bucket, tmp_path, "team/app:1")
+    assert result.returncode == 1
+    assert f"FAIL {digests['layer']}" in result.stderr and "content hashes to" in result.stderr
+    assert _summary(result).startswith("2 blobs: 1 copied, 0 already cached, 1 failed")
+    assert cached(s3, bucket, digests["layer"]) is None  # the fill verified it: not published
+    assert cached(s3, bucket, digests["config"]) is not None
+
+
+def test_a_blob_whose_size_is_not_the_manifests_fails(s3, bucket, tmp_path):
+    layer = os.urandom(10_000)
+    upstream, digests = _one_layer_upstream(layer, layer, size=20_000)
+    with upstream:
+        result = _warm(upstream, s3, bucket, tmp_path, "team/app:1")
+    assert result.returncode == 1
+    assert "the registry sends 10000 bytes, the manifest says 20000" in result.stderr
+    assert _summary(result).endswith("1 failed; 40 bytes copied")  # the config alone
+    assert cached(s3, bucket, digests["layer"]) is None
+
+
+def test_blobs_wait_for_spool_room_instead_of_failing(
+    plain_registry, s3, bucket, make_image, tmp_path
+):
+    mib = 1024 * 1024
+    image = make_image(layers=[3 * mib, 3 * mib, 3 * mib, 3 * mib])
+    repo = _repo()
+    push(image, plain_registry.host, repo, tag="big")
+    result = _warm(
+        plain_registry, s3, bucket, tmp_path, f"{repo}:big", "--jobs", "4",
+        BLOBLO_SPOOL_MAX_MB="7",  # room for two layers at once, of four
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _summary(result).startswith("5 blobs: 5 copied, 0 already cached, 0 failed")
+    _assert_cached(s3, bucket, image)

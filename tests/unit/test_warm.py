@@ -154,6 +154,37 @@ def test_manifests_warm_cannot_read_are_refused_with_a_reason(body, content_type
         parse_manifest(body, content_type, "team/app")
 
 
+@pytest.mark.parametrize(
+    ("document", "platforms"),
+    [
+        ({"mediaType": OCI_MANIFEST, "config": {"digest": D1, "size": 1}, "layers": ["x"]}, ()),
+        ({"mediaType": OCI_MANIFEST, "config": {"digest": D1, "size": 1}, "layers": {"a": 1}}, ()),
+        ({"mediaType": OCI_MANIFEST, "config": "x", "layers": []}, ()),
+        ({"mediaType": OCI_MANIFEST, "config": {"digest": D1, "size": True}, "layers": []}, ()),
+        ({"mediaType": OCI_INDEX, "manifests": ["x"]}, ("linux/amd64",)),
+        ({"mediaType": OCI_INDEX, "manifests": 3}, ()),
+        ({"mediaType": OCI_INDEX, "manifests": [{"digest": D1, "platform": "linux"}]}, ("a/b",)),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_manifest_error(document, platforms):
+    body = json.dumps({"schemaVersion": 2, **document}).encode()
+    with pytest.raises(ManifestError, match="malformed"):
+        parse_manifest(body, None, "team/app", tuple(map(parse_platform, platforms)))
+
+
+def test_a_platform_no_index_entry_matches_is_an_error_naming_those_it_has():
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"digest": D1, "platform": {"os": "linux", "architecture": "amd64"}},
+            {"digest": D2, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        ],
+    }
+    with pytest.raises(ManifestError, match=r"linux/amd46 .*linux/amd64, linux/arm64/v8"):
+        parse_manifest(json.dumps(index).encode(), OCI_INDEX, "a", (parse_platform("linux/amd46"),))
+
+
 def test_a_manifest_fetched_by_digest_must_hash_to_it():
     body = _image()
     check_digest(body, parse_digest("sha256:" + hashlib.sha256(body).hexdigest()))
@@ -195,6 +226,14 @@ def test_credentials_warm_cannot_use_are_an_error_naming_the_way_out(config, say
     with pytest.raises(CredentialsError, match=says) as raised:
         lookup(config, UPSTREAM)
     assert "--password-stdin" in str(raised.value) or "base64" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "config", [[], {"auths": [1]}, {"auths": {UPSTREAM: "x"}}, {"credHelpers": 1}]
+)
+def test_a_docker_config_of_the_wrong_shape_is_a_credentials_error(config):
+    with pytest.raises(CredentialsError):
+        lookup(config, UPSTREAM)
 
 
 def test_a_bearer_challenge_gives_realm_service_and_scope():
