@@ -82,6 +82,10 @@ class Spool:
             raise SpoolError(f"spool read {len(data)} of {size} bytes at {offset}")
         return data
 
+    def fileno(self) -> int:
+        """The spool file's descriptor (for splice(2)); valid until close()."""
+        return self._fd
+
     def close(self) -> None:
         """Free the file and give its budget back."""
         if self._fd >= 0:

@@ -1,7 +1,7 @@
 """The S3 side of a fill: a kernel pipe into boto3's upload_fileobj, and the reader that checks
 the bytes S3 receives against the blob's digest.
 
-The fill pumps its spool into the pipe; boto3 reads the other end in a background greenlet. Both
+The fill splices its spool into the pipe; boto3 reads the other end in a background greenlet. Both
 ends are non-blocking and wait through gevent's hub, so neither stalls the worker. The digest
 is checked where the bytes leave for S3 (VerifiedReader), not on a copy of them: whatever went
 wrong before (a short spool, an upstream that lied), S3 completes the upload only when what it
@@ -16,6 +16,7 @@ import logging
 import os
 
 from gevent.os import make_nonblocking, nb_read, nb_write
+from gevent.socket import wait_write
 
 from .names import Digest
 
@@ -58,6 +59,32 @@ class Pipe:
                 data = data[nb_write(self._write_fd, data) :]
         except OSError:
             self.abort("the S3 upload ended early")
+
+    def splice(self, source_fd: int, offset: int, count: int) -> int:
+        """Move count bytes of the file source_fd from offset into the pipe without copying
+        them through Python (splice(2), Linux), waiting cooperatively for room. Returns the
+        bytes moved: fewer than count only if the file ends first or the upload went away.
+        Raises OSError when the file cannot be read."""
+        moved = 0
+        try:
+            while moved < count and self.open:
+                try:
+                    n = os.splice(
+                        source_fd,
+                        self._write_fd,
+                        count - moved,
+                        offset_src=offset + moved,
+                        flags=os.SPLICE_F_NONBLOCK,
+                    )
+                except BlockingIOError:
+                    wait_write(self._write_fd)
+                    continue
+                if n == 0:
+                    break
+                moved += n
+        except BrokenPipeError:
+            self.abort("the S3 upload ended early")
+        return moved
 
     def finish(self) -> None:
         """The blob is complete and verified: let the upload publish it."""

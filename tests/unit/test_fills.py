@@ -11,6 +11,7 @@ from bloblo.errors import AbortResponse
 from bloblo.fills import Fills
 from bloblo.names import Digest
 from bloblo.spool import Spool, SpoolError
+from bloblo.uploads import Pipe
 
 MIB = 1024 * 1024
 DATA = bytes(range(256)) * (12 * 4096)  # 12 MiB
@@ -133,6 +134,12 @@ def test_a_spool_that_fails_publishes_nothing_and_hangs_nobody(fault, tmp_path, 
         return real(self, *args)
 
     monkeypatch.setattr(Spool, {"write": "append", "read": "read"}[fault], failing)
+    if fault == "read":  # a disk gone bad fails the upload's splice from the spool as well
+
+        def failing_splice(self, *args):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(Pipe, "splice", failing_splice)
     store = RecordingStore()
     _, fill = _fill(tmp_path, store, _chunks())
     reader = gevent.spawn(_read, fill.reader(0, len(DATA), hold_tail=True))

@@ -2,6 +2,8 @@
 clean end only when finished and verified at the last boundary (issue #7)."""
 
 import hashlib
+import os
+import tempfile
 
 import gevent
 import pytest
@@ -97,3 +99,34 @@ def test_a_single_put_read_is_verified_too():
     _write_all(pipe, b"not the blob")
     with pytest.raises(UploadAborted):
         VerifiedReader(pipe, _digest(b"the blob...."), 12).read()
+
+
+def _splice_all(pipe, fd, size, chunk=MIB):
+    moved = 0
+    while moved < size:
+        step = pipe.splice(fd, moved, min(chunk, size - moved))
+        moved += step
+        if step < min(chunk, size - moved + step):
+            break
+    pipe.finish()
+    return moved
+
+
+def test_splice_moves_a_files_bytes_into_the_pipe_in_order():
+    data = os.urandom(5 * MIB + 123)  # more than the pipe holds: the splice waits for room
+    with tempfile.TemporaryFile() as spool:
+        spool.write(data)
+        spool.flush()
+        pipe = Pipe()
+        writer = gevent.spawn(_splice_all, pipe, spool.fileno(), len(data))
+        assert b"".join(_read_all(pipe)) == data
+        assert writer.get() == len(data)
+
+
+def test_splice_past_the_end_of_the_file_moves_what_there_is():
+    with tempfile.TemporaryFile() as spool:
+        spool.write(b"x" * 1000)
+        spool.flush()
+        pipe = Pipe()
+        assert pipe.splice(spool.fileno(), 0, 4000) == 1000
+        assert pipe.splice(spool.fileno(), 1000, 10) == 0
