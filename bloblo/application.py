@@ -12,6 +12,7 @@ from .clients import ClientMiddleware
 from .config import Settings, load_settings
 from .errors import install_error_handlers
 from .fills import Fills
+from .host import HostFills
 from .proxy import Forwarder, create_blueprint
 from .request_ids import RequestIds
 from .storage import BlobStore
@@ -25,7 +26,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = Upstream(settings)
     forwarder = Forwarder(settings, upstream)
     store = BlobStore(settings)
-    fills = Fills(settings, store)
+    # Workers share their fills through the spool directory (host.py): one GET per new blob
+    # and host. Not when caching is off.
+    host = HostFills(settings.spool_dir, settings.s3_bucket, settings.s3_prefix)
+    fills = Fills(settings, store, host if settings.max_fills else None)
     blobs = BlobPolicy(settings, forwarder, upstream, store, fills)
 
     app = Flask(__name__, static_folder=None)  # every path is the registry's

@@ -18,6 +18,7 @@ from .clients import in_networks
 from .config import Settings
 from .fills import Fill, Fills
 from .grants import Grants
+from .host import SharedFill
 from .logs import OUTCOME
 from .names import BlobRef
 from .proxy import CHUNK, Forwarder, client_of, raw_target
@@ -204,6 +205,8 @@ class BlobPolicy:
         if fill is not None:  # a joiner: its own HEAD authorized it already
             if fill.wait_started(self._settings.upstream_read_timeout):
                 return self._from_fill(req, fill, target, joiner=True)
+            if self._store.contains(blob.digest):  # it ended, published, before we could join
+                return self._from_cache(req, blob) or self._uncached(req, target)
             return self._uncached(req, target)
         fill = self._fills.reserve(blob.digest)
         if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
@@ -223,7 +226,9 @@ class BlobPolicy:
             return self._forwarder.respond(req, upstream, on_bytes=_passed_through)
         return self._from_fill(req, fill, target, joiner=False)
 
-    def _from_fill(self, req: Request, fill: Fill, target: str, joiner: bool) -> Response:
+    def _from_fill(
+        self, req: Request, fill: Fill | SharedFill, target: str, joiner: bool
+    ) -> Response:
         """The blob, or the range asked for, from a fill, as the upstream would answer it."""
         _outcome(req, "fill_join" if joiner else "fill")
         headers = [

@@ -11,8 +11,8 @@ BLOBLO_FILL_DEADLINE_SECONDS (issue #7).
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Iterator
 
 import gevent
 import requests
@@ -21,17 +21,16 @@ from gevent.event import Event
 from . import metrics
 from .config import Settings
 from .errors import AbortResponse
+from .host import HostFills, SharedFill
 from .loop import Turns
 from .names import Digest
+from .readers import CHUNK, FillReader
 from .spool import Spool, SpoolBudget, SpoolError, open_spool
 from .storage import BlobStore
 from .uploads import Pipe, UploadAborted, VerifiedReader
 from .upstream import release
 
 LOG = logging.getLogger(__name__)
-
-CHUNK = 1024 * 1024
-TAIL = 64 * 1024  # a whole-blob response holds back this much until the blob is verified
 
 
 class FillBroken(Exception):
@@ -45,7 +44,7 @@ class Fill:
     cancel()led. Readers wait for bytes with read(); `broken` says why the download failed.
     """
 
-    def __init__(self, digest: Digest, owner: Fills):
+    def __init__(self, digest: Digest, owner: Fills, shared_path: str | None = None):
         self.digest = digest
         self.size = 0
         self.headers: list[tuple[str, str]] = []  # the upstream's answer, for every client
@@ -55,9 +54,10 @@ class Fill:
         self.result: str | None = None  # published, digest_mismatch, aborted, failed
         self.done = Event()  # download and upload are over
         self._owner = owner
+        self._shared_path = shared_path  # the spool's name for the host's other workers
         self._started = Event()  # running, or cancelled
-        self._progress = Event()
-        self._readers = 0
+        self.progress = Event()  # set (and replaced) whenever the fill moves on
+        self.readers = 0
         self._writing = None  # the threadpool's write of the latest chunk, while it runs
 
     # -- the client that starts it -------------------------------------------------------------
@@ -66,7 +66,9 @@ class Fill:
         """Run the fill on response (a 200 of size plain bytes); False (nothing started) when
         the spool budget has no room or no spool file can be made."""
         try:
-            self.spool = open_spool(self._owner.spool_dir, size, self._owner.budget)
+            self.spool = open_spool(
+                self._owner.spool_dir, size, self._owner.budget, self._shared_path
+            )
         except SpoolError as exc:
             LOG.warning("cannot spool %s: %s; check BLOBLO_SPOOL_DIR", self.digest, exc)
             return False
@@ -74,6 +76,7 @@ class Fill:
             LOG.info("%s (%d bytes) exceeds the spool budget left: not cached", self.digest, size)
             return False
         self.size, self.headers = size, list(headers)
+        self._share("running")
         metrics.FILLS_IN_PROGRESS.inc()
         gevent.spawn(self._run, response)
         self._started.set()
@@ -82,6 +85,7 @@ class Fill:
     def cancel(self) -> None:
         """Give the reservation up: joiners waiting for it fetch the blob themselves."""
         self._owner.forget(self)
+        self._leave_host(spool_path=None)
         self._started.set()
         self.done.set()
 
@@ -95,7 +99,9 @@ class Fill:
         """A reader of bytes [start, stop); the spool stays open until it is closed."""
         return FillReader(self, start, stop, hold_tail)
 
-    def _read(self, position: int, count: int) -> bytes:
+    def read_spool(self, position: int, count: int) -> bytes:
+        """count bytes of the blob from position (written already); a spool that fails to
+        read raises AbortResponse: the client sees a short read."""
         try:
             return self.spool.read(position, count)
         except SpoolError as exc:
@@ -124,6 +130,7 @@ class Fill:
             self._break(f"{type(exc).__name__}: {exc}")
         finally:
             self._owner.forget(self)
+            self._leave_host(self._shared_path)
             self.result = self.result or ("aborted" if self.broken else "failed")  # no S3
             metrics.FILLS.labels(self.result).inc()
             metrics.FILLS_IN_PROGRESS.dec()
@@ -138,7 +145,7 @@ class Fill:
                 self._writing.wait()  # the spool's file must outlive that write
             self.done.set()
             self._notify()
-            self._close_if_unused()
+            self.close_if_unused()
 
     def _download(self, response: requests.Response) -> None:
         """Spool and hash the upstream's bytes. Both run in gevent's threadpool (a native
@@ -162,12 +169,14 @@ class Fill:
             LOG.error("the upstream sent a wrong blob for %s: not cached", self.digest)
             raise FillBroken(f"content hashes to {self.digest.algorithm}:{hasher.hexdigest()}")
         self.verified = True
+        self._share("verified")
         self._notify()
 
     def _break(self, reason: str) -> None:
         """The fill failed: no client joins it any more, its readers get a short read."""
         self.broken = reason
         self._owner.forget(self)
+        self._share("broken", reason)
         LOG.warning("fill of %s broke off: %s", self.digest, reason)
         self._notify()
 
@@ -209,12 +218,38 @@ class Fill:
             LOG.error("cannot read the spool of %s for S3: %s", self.digest, exc)
             pipe.abort(str(exc))
 
+    def _leave_host(self, spool_path: str | None) -> None:
+        """The fill is over (or never began): another worker of the host may fill it again."""
+        if self._owner.host is not None and self._shared_path is not None:
+            self._owner.host.release(self.digest, spool_path)
+            self._shared_path = None
+
+    def _share(self, state: str, reason: str | None = None) -> None:
+        """Tell the host's other workers how far the fill got (host.py)."""
+        host = self._owner.host
+        if host is None or self._shared_path is None or self.spool is None:
+            return
+        try:
+            host.publish(
+                self.digest,
+                {
+                    "spool": os.path.basename(self._shared_path),
+                    "size": self.size,
+                    "headers": self.headers,
+                    "state": state,
+                    "reason": reason,
+                },
+            )
+        except OSError as exc:  # their clients then see the fill stop: a short read
+            LOG.warning("cannot share the state of the fill of %s: %s", self.digest, exc)
+
     def _notify(self) -> None:
-        progress, self._progress = self._progress, Event()
+        progress, self.progress = self.progress, Event()
         progress.set()
 
-    def _close_if_unused(self) -> None:
-        if self.done.is_set() and self._readers == 0 and self.spool is not None:
+    def close_if_unused(self) -> None:
+        """Close the spool once the fill is over and no reader is left."""
+        if self.done.is_set() and self.readers == 0 and self.spool is not None:
             self.spool.close()
 
 
@@ -223,65 +258,25 @@ def _spool_and_hash(spool: Spool, hasher, chunk: bytes) -> None:
     hasher.update(chunk)
 
 
-class FillReader:
-    """Bytes [start, stop) of a fill's blob, as the fill writes them: a WSGI response body.
-
-    With hold_tail the last TAIL bytes wait until the blob is verified. Iterating raises
-    AbortResponse (the client sees a short read) when the download breaks before the bytes
-    arrive. close() (the WSGI server calls it, also when the body never started) lets the fill
-    free its spool.
-    """
-
-    def __init__(self, fill: Fill, start: int, stop: int, hold_tail: bool):
-        self._fill = fill
-        self._start, self._stop, self._hold_tail = start, stop, hold_tail
-        self._closed = False
-        fill._readers += 1
-
-    def __iter__(self) -> Iterator[bytes]:
-        fill, turns, position = self._fill, Turns(), self._start
-        while position < self._stop:
-            progress = fill._progress
-            ready = fill.spool.written
-            if self._hold_tail and not fill.verified:
-                ready = min(ready, fill.size - TAIL)
-            if position < ready:
-                count = min(CHUNK, ready - position, self._stop - position)
-                yield fill._read(position, count)
-                metrics.BLOB_BYTES.labels("spool").inc(count)
-                position += count
-                turns.give()
-            elif fill.broken:
-                raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
-            else:
-                progress.wait()
-        while self._hold_tail and not (fill.verified or fill.broken):  # an empty blob
-            fill._progress.wait()
-        if self._hold_tail and not fill.verified:
-            raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
-
-    def close(self) -> None:
-        """Done reading (safe to call more than once)."""
-        if not self._closed:
-            self._closed = True
-            self._fill._readers -= 1
-            self._fill._close_if_unused()
-
-
 class Fills:
     """The fills of one worker: at most one per digest and BLOBLO_MAX_FILLS at once."""
 
-    def __init__(self, settings: Settings, store: BlobStore):
+    def __init__(self, settings: Settings, store: BlobStore, host: HostFills | None = None):
         self.store = store
+        self.host = host  # shares fills with the host's other workers; None: this worker only
         self.spool_dir = settings.spool_dir
         self.budget = SpoolBudget(settings.spool_max_bytes)
         self.deadline = settings.fill_deadline_seconds
         self._max = settings.max_fills
         self._running: dict[str, Fill] = {}
 
-    def running(self, digest: Digest) -> Fill | None:
-        """The fill of digest under way in this worker, if any."""
-        return self._running.get(str(digest))
+    def running(self, digest: Digest) -> Fill | SharedFill | None:
+        """The fill of digest under way in this worker or, failing that, in another worker of
+        the host; None when none runs."""
+        fill = self._running.get(str(digest))
+        if fill is None and self.host is not None and self.host.filled_elsewhere(digest):
+            return SharedFill(digest, self.host)
+        return fill
 
     def reserve(self, digest: Digest) -> Fill | None:
         """A new fill for digest, reserved before its upstream GET is sent so that concurrent
@@ -289,7 +284,12 @@ class Fills:
         key = str(digest)
         if key in self._running or len(self._running) >= self._max:
             return None
-        fill = self._running[key] = Fill(digest, self)
+        shared_path = None
+        if self.host is not None:
+            shared_path = self.host.claim(digest)
+            if shared_path is None:  # another worker of the host has just started it
+                return None
+        fill = self._running[key] = Fill(digest, self, shared_path)
         return fill
 
     def forget(self, fill: Fill) -> None:

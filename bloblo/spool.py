@@ -47,12 +47,16 @@ class Spool:
     be created. close() frees the file and the budget; it is safe to call more than once.
     """
 
-    def __init__(self, directory: str | None, size: int, budget: SpoolBudget):
+    def __init__(
+        self, directory: str | None, size: int, budget: SpoolBudget, path: str | None = None
+    ):
         self.size = size
         self.written = 0
         self._budget = budget
-        # Unlinked from the start: a killed worker leaves nothing behind.
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="bloblo-fill-")  # noqa: SIM115
+        if path is None:  # unlinked from the start: a killed worker leaves nothing behind
+            self._file = tempfile.TemporaryFile(dir=directory, prefix="bloblo-fill-")  # noqa: SIM115
+        else:  # named, for the other workers of the host (host.py); a new file, never reused
+            self._file = open(path, "x+b")  # noqa: SIM115
         self._fd = self._file.fileno()
 
     def append(self, data: bytes | memoryview) -> None:
@@ -94,15 +98,18 @@ class Spool:
             self._budget.release(self.size)
 
 
-def open_spool(directory: str | None, size: int, budget: SpoolBudget) -> Spool | None:
-    """A spool for a blob of size bytes, or None when the budget has no room for it.
+def open_spool(
+    directory: str | None, size: int, budget: SpoolBudget, path: str | None = None
+) -> Spool | None:
+    """A spool for a blob of size bytes (a new file at path, else an unnamed one in
+    directory), or None when the budget has no room for it.
 
     Raises SpoolError when the file cannot be created (a missing or read-only directory).
     """
     if not budget.reserve(size):
         return None
     try:
-        return Spool(directory, size, budget)
+        return Spool(directory, size, budget, path)
     except OSError as exc:
         budget.release(size)
         raise SpoolError(exc.errno, f"cannot create a spool file in {directory}: {exc}") from None

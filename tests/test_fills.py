@@ -498,3 +498,85 @@ def test_a_fill_that_broke_is_not_joined_and_the_retry_fills_afresh(s3, bucket, 
         assert (retry.status_code, retry.content) == (200, data)
     assert len(gets) == 2
     assert poll(lambda: _in_bucket(s3, bucket, digest), timeout=30)
+
+
+# --- one fill per host (the workers share it) -------------------------------------------------
+
+
+def _spool_fds(pid: int, spool_dir: Path) -> list[tuple[int, str]]:
+    """(fd, open flags in octal) of each named spool file the process holds open."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:
+            continue
+        if target.startswith(str(spool_dir)) and target.endswith(".spool"):
+            held.append((int(fd), re.search(r"flags:\s+(\d+)", info).group(1)))
+    return held
+
+
+def _until_both_workers_read(bloblo, url: str, spool_dir: Path) -> list[Download]:
+    """Start clients of url, one connection at a time (each reads 1 MiB and then stops), until
+    both workers hold the fill's spool open: the one filling it and a joiner from the other."""
+    clients = []
+    for _ in range(24):
+        download = Download(url)
+        download.read(at_least=MIB)
+        clients.append(download)
+        if all(_spool_fds(pid, spool_dir) for pid in bloblo.worker_pids()):
+            return clients
+    raise AssertionError("every connection went to the same worker")
+
+
+def test_the_workers_of_a_host_share_one_fill_of_a_new_blob(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    blob = _push_blob(plain_registry, 32 * MIB, tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    # A slow upstream (4 s for this blob) keeps the fill running while clients come.
+    with Throttle(plain_registry.port, bytes_per_second=8 * MIB) as slow_upstream:
+        bloblo = start_bloblo(slow_upstream.url, workers=2, BLOBLO_SPOOL_DIR=str(spool))
+        clients = _until_both_workers_read(bloblo, bloblo.url + _path(blob.digest), spool)
+        for client in clients:
+            client.read_to_end()
+            client.close()
+        assert [(c.status, c.complete, c.digest) for c in clients] == [
+            (200, True, blob.digest)
+        ] * len(clients)
+        assert requests_served(plain_registry, "GET", _path(blob.digest)) == 1  # one for the host
+        _assert_cached_and_redirected(s3, bucket, bloblo, blob.digest)
+        poll(lambda: not any(_spool_fds(pid, spool) for pid in bloblo.worker_pids()), timeout=30)
+        assert [p.name for p in spool.iterdir() if p.suffix == ".spool"] == []  # names dropped
+
+
+def test_a_fill_whose_worker_is_killed_gives_the_other_workers_clients_a_short_read(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    blob = _push_blob(plain_registry, 32 * MIB, tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with Throttle(plain_registry.port, bytes_per_second=4 * MIB) as slow_upstream:
+        bloblo = start_bloblo(slow_upstream.url, workers=2, BLOBLO_SPOOL_DIR=str(spool))
+        url = bloblo.url + _path(blob.digest)
+        clients = _until_both_workers_read(bloblo, url, spool)
+        # The filler holds its spool read-write (O_RDWR in the flags); a joiner read-only.
+        (filler,) = [
+            pid
+            for pid in bloblo.worker_pids()
+            if any(int(flags, 8) & os.O_RDWR for _, flags in _spool_fds(pid, spool))
+        ]
+        os.kill(filler, 9)
+        for client in clients:
+            client.read_to_end()
+            client.close()
+        assert not any(client.complete for client in clients)  # short reads, never a wrong end
+        assert all(client.received < len(blob.path.read_bytes()) for client in clients)
+        assert not _in_bucket(s3, bucket, blob.digest)
+        # gunicorn starts a new worker; the next GET fills the blob afresh.
+        poll(lambda: len(bloblo.worker_pids()) == 2, timeout=30)
+        again = fetch(url, keep=False)
+        assert (again.status, again.complete, again.digest) == (200, True, blob.digest)
+        _assert_cached_and_redirected(s3, bucket, bloblo, blob.digest)

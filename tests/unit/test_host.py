@@ -1,0 +1,124 @@
+"""Fills shared by the workers of a host (bloblo/host.py): a filling worker in a child process,
+a joiner in this one. POSIX locks only conflict between processes, so the filler must be one."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+
+import gevent
+import pytest
+
+from bloblo.errors import AbortResponse
+from bloblo.host import HostFills, SharedFill
+from bloblo.names import Digest
+
+DATA = os.urandom(300_000)
+DIGEST = Digest("sha256", hashlib.sha256(DATA).hexdigest())
+HALF = len(DATA) // 2
+
+
+def _filler(directory: str, commands, done) -> None:
+    """A worker that fills DIGEST step by step, as the parent tells it."""
+    host = HostFills(directory, "bucket", "")
+    path = host.claim(DIGEST)
+    done.send(path is not None)
+    state = {"spool": os.path.basename(path), "size": len(DATA), "headers": [["A", "b"]]}
+    with open(path, "xb", buffering=0) as spool:
+        for command in iter(commands.recv, "stop"):
+            if command == "half":
+                spool.write(DATA[:HALF])
+                host.publish(DIGEST, {**state, "state": "running"})
+            elif command == "rest":
+                spool.write(DATA[HALF:])
+            elif command in ("verified", "broken"):
+                host.publish(DIGEST, {**state, "state": command, "reason": "wrong bytes"})
+            elif command == "release":
+                host.release(DIGEST, path)
+            elif command == "die":
+                os._exit(1)  # no release: the kernel drops the lock
+            done.send(command)
+
+
+@pytest.fixture
+def filler(tmp_path):
+    """Start the filling worker; returns send(command), which waits until it is done."""
+    context = multiprocessing.get_context("fork")
+    commands, child_commands = context.Pipe()
+    done, child_done = context.Pipe()
+    process = context.Process(target=_filler, args=(str(tmp_path), child_commands, child_done))
+    process.start()
+    assert done.recv() is True  # it holds the lock
+
+    def send(command: str) -> None:
+        commands.send(command)
+        if command == "die":
+            process.join(10)
+        else:
+            assert done.recv() == command
+
+    yield send
+    if process.is_alive():
+        commands.send("stop")
+        process.join(10)
+
+
+def _read(fill: SharedFill, hold_tail=True) -> bytes:
+    reader = fill.reader(0, fill.size, hold_tail=hold_tail)
+    try:
+        return b"".join(reader)
+    finally:
+        reader.close()
+
+
+def test_a_joiner_reads_the_other_workers_fill_as_it_grows_and_ends(filler, tmp_path):
+    host = HostFills(str(tmp_path), "bucket", "")
+    assert host.filled_elsewhere(DIGEST) and host.claim(DIGEST) is None
+    fill = SharedFill(DIGEST, host)
+    filler("half")
+    assert fill.wait_started(5) and fill.size == len(DATA) and fill.headers == [("A", "b")]
+    reading = gevent.spawn(_read, fill)
+    gevent.sleep(0.1)
+    assert not reading.ready()  # waits for the rest
+    filler("rest")
+    gevent.sleep(0.1)
+    assert not reading.ready()  # the tail waits until the blob is verified
+    filler("verified")
+    filler("release")
+    assert reading.get(timeout=5) == DATA
+    assert not host.filled_elsewhere(DIGEST)
+    assert [p.suffix for p in tmp_path.iterdir() if "fill-" in p.name] == [".json"]
+
+
+def test_a_fill_that_broke_gives_its_joiners_a_short_read(filler, tmp_path):
+    fill = SharedFill(DIGEST, HostFills(str(tmp_path), "bucket", ""))
+    filler("half")
+    assert fill.wait_started(5)
+    filler("rest")
+    filler("broken")
+    with pytest.raises(AbortResponse, match="wrong bytes"):
+        _read(fill)
+
+
+def test_a_filling_worker_that_dies_gives_its_joiners_a_short_read(filler, tmp_path):
+    host = HostFills(str(tmp_path), "bucket", "")
+    fill = SharedFill(DIGEST, host)
+    filler("half")
+    assert fill.wait_started(5)
+    filler("die")
+    with pytest.raises(AbortResponse, match="stopped"):
+        _read(fill)
+    # The next worker to fill it takes over, and what the dead one left is gone.
+    assert host.claim(DIGEST) is not None
+    assert [p for p in tmp_path.iterdir() if "fill-" in p.name] == []
+
+
+def test_a_fill_cancelled_before_it_began_is_not_joined(filler, tmp_path):
+    fill = SharedFill(DIGEST, HostFills(str(tmp_path), "bucket", ""))
+    filler("release")
+    assert not fill.wait_started(5)
+
+
+def test_instances_caching_in_other_buckets_never_share_a_fill(filler, tmp_path):
+    assert not HostFills(str(tmp_path), "another-bucket", "").filled_elsewhere(DIGEST)
