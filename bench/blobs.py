@@ -134,8 +134,8 @@ def registry_gets_settled(
 
 
 def spool_files_open(pids: list[int], directory: Path) -> int:
-    """How many files in `directory` the processes `pids` hold open (spools are unlinked: their
-    /proc/<pid>/fd links read `<directory>/#<inode> (deleted)`)."""
+    """How many spool files in `directory` the processes `pids` hold open (not the lock file
+    every worker keeps open there, bloblo-fills-*.lock)."""
     prefix = f"{directory.resolve()}/"
     count = 0
     for pid in pids:
@@ -149,7 +149,7 @@ def spool_files_open(pids: list[int], directory: Path) -> int:
                 target = os.readlink(f"{fd_dir}/{fd}")
             except OSError:  # closed meanwhile
                 continue
-            count += target.startswith(prefix)
+            count += target.startswith(prefix) and not target.endswith(".lock")
     return count
 
 

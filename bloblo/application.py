@@ -26,10 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = Upstream(settings)
     forwarder = Forwarder(settings, upstream)
     store = BlobStore(settings)
-    # Workers share their fills through the spool directory (host.py): one GET per new blob
-    # and host. Not when caching is off.
-    host = HostFills(settings.spool_dir, settings.s3_bucket, settings.s3_prefix)
-    fills = Fills(settings, store, host if settings.max_fills else None)
+    fills = Fills(settings, store, _host_fills(settings))
     blobs = BlobPolicy(settings, forwarder, upstream, store, fills)
 
     app = Flask(__name__, static_folder=None)  # every path is the registry's
@@ -52,6 +49,21 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.s3_prefix,
     )
     return app
+
+
+def _host_fills(settings: Settings) -> HostFills | None:
+    """What lets the workers share their fills through the spool directory (host.py): one GET
+    of a new blob per host. None when caching is off, or the directory takes no lock file (then
+    each worker fills on its own, and the log says why)."""
+    if not settings.max_fills:
+        return None
+    try:
+        return HostFills(settings.spool_dir, settings.s3_bucket, settings.s3_prefix)
+    except OSError as exc:
+        logging.getLogger("bloblo").warning(
+            "fills are not shared between workers: %s; check BLOBLO_SPOOL_DIR", exc
+        )
+        return None
 
 
 def _route_logs_through_gunicorn() -> None:
