@@ -1,5 +1,5 @@
-"""`python -m bench [proxy] [offload] [herd] [fill] [--quick]`: run bloblo's benchmarks against
-real processes on loopback, print the results and write them as markdown (`--output`)."""
+"""`python -m bench [proxy] [offload] [herd] [fill] [ranges] [--quick]`: run bloblo's benchmarks
+against real processes on loopback, print the results and write them as markdown (`--output`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fill, herd, machine, offload, proxy
+from bench import fill, herd, machine, offload, proxy, ranges
 from bench.report import render
 
-BENCHMARKS = {"proxy": proxy.run, "offload": offload.run, "herd": herd.run, "fill": fill.run}
+BENCHMARKS = {
+    "proxy": proxy.run,
+    "offload": offload.run,
+    "herd": herd.run,
+    "fill": fill.run,
+    "ranges": ranges.run,
+}
 HERE = Path(__file__).resolve().parent
 FULL_OUTPUT = HERE / "results-latest.md"  # committed: docs/benchmarks.md quotes it
 PARTIAL_OUTPUT = HERE / "results-scratch.md"  # --quick or some benchmarks only (gitignored)
