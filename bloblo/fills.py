@@ -41,7 +41,8 @@ class Fill:
     """One blob on its way from the upstream to the spool and on to S3.
 
     Created reserved (Fills.reserve), then either begin()s with the upstream's answer or is
-    cancel()led. Readers wait for bytes with read(); `broken` says why the download failed.
+    cancel()led. Clients read it through reader() (readers.py), in this worker, or from the
+    named spool in the host's other workers (host.py); `broken` says why the download failed.
     """
 
     def __init__(self, digest: Digest, owner: Fills, shared_path: str | None = None):

@@ -15,7 +15,7 @@ import fcntl
 import logging
 import os
 
-from gevent.os import make_nonblocking, nb_read, nb_write
+from gevent.os import make_nonblocking, nb_read
 from gevent.socket import wait_write
 
 from .names import Digest
@@ -51,14 +51,6 @@ class Pipe:
     def open(self) -> bool:
         """Whether the writer side still takes bytes."""
         return self._write_fd >= 0
-
-    def write(self, data: memoryview) -> None:
-        """Put all of data into the pipe, waiting (cooperatively) for the upload to read."""
-        try:
-            while data and self.open:
-                data = data[nb_write(self._write_fd, data) :]
-        except OSError:
-            self.abort("the S3 upload ended early")
 
     def splice(self, source_fd: int, offset: int, count: int) -> int:
         """Move count bytes of the file source_fd from offset into the pipe without copying
