@@ -270,14 +270,25 @@ class Fills:
         self.deadline = settings.fill_deadline_seconds
         self._max = settings.max_fills
         self._running: dict[str, Fill] = {}
+        self._shared: dict[str, SharedFill] = {}  # other workers' fills this one follows
 
     def running(self, digest: Digest) -> Fill | SharedFill | None:
         """The fill of digest under way in this worker or, failing that, in another worker of
         the host; None when none runs."""
-        fill = self._running.get(str(digest))
-        if fill is None and self.host is not None and self.host.filled_elsewhere(digest):
-            return SharedFill(digest, self.host)
-        return fill
+        key = str(digest)
+        fill = self._running.get(key) or self._shared.get(key)
+        if fill is not None and not fill.broken:
+            return fill
+        if self.host is not None and self.host.filled_elsewhere(digest):
+            return SharedFill(digest, self.host, self._follow_shared, self._forget_shared)
+        return None
+
+    def _follow_shared(self, fill: SharedFill) -> None:
+        self._shared[str(fill.digest)] = fill
+
+    def _forget_shared(self, fill: SharedFill) -> None:
+        if self._shared.get(str(fill.digest)) is fill:
+            del self._shared[str(fill.digest)]
 
     def reserve(self, digest: Digest) -> Fill | None:
         """A new fill for digest, reserved before its upstream GET is sent so that concurrent

@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
@@ -172,9 +173,17 @@ def _offset(digest: Digest) -> int:
 class SharedFill:
     """A fill another worker of this host runs, as seen by this worker's clients: the same
     reading interface as fills.Fill (readers.py), fed by looking at the other worker's spool
-    file and state every WATCH_SECONDS."""
+    file and state every WATCH_SECONDS. One per blob and worker serves every client of the
+    worker (Fills keeps it from the start until its descriptor is closed: `on_start` and
+    `on_close`)."""
 
-    def __init__(self, digest: Digest, host: HostFills):
+    def __init__(
+        self,
+        digest: Digest,
+        host: HostFills,
+        on_start: Callable[[SharedFill], None] = lambda fill: None,
+        on_close: Callable[[SharedFill], None] = lambda fill: None,
+    ):
         self.digest = digest
         self.size = 0
         self.headers: list[tuple[str, str]] = []
@@ -184,10 +193,26 @@ class SharedFill:
         self.progress = Event()
         self.readers = 0
         self._host = host
+        self._on_start, self._on_close = on_start, on_close
+        self._starting: gevent.Greenlet | None = None
 
     def wait_started(self, timeout: float) -> bool:
         """Wait until the other worker's fill runs (True); False when it was cancelled, ended
-        before this worker could open its spool, or did not start within timeout seconds."""
+        before this worker could open its spool, or did not start within timeout seconds.
+        The first caller starts following it; the others wait for the same answer."""
+        if self._starting is None:
+            self._on_start(self)
+            self._starting = gevent.spawn(self._start, timeout)
+        self._starting.join(timeout)
+        return bool(self._starting.successful() and self._starting.value)
+
+    def _start(self, timeout: float) -> bool:
+        if self._follow(timeout):
+            return True
+        self._on_close(self)
+        return False
+
+    def _follow(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             held = self._host.filled_elsewhere(self.digest)
@@ -217,6 +242,7 @@ class SharedFill:
         if self.readers == 0 and self.spool is not None and (self.verified or self.broken):
             os.close(self.spool.fd)
             self.spool = None
+            self._on_close(self)
 
     def _open(self, state: dict) -> bool:
         try:

@@ -122,3 +122,24 @@ def test_a_fill_cancelled_before_it_began_is_not_joined(filler, tmp_path):
 
 def test_instances_caching_in_other_buckets_never_share_a_fill(filler, tmp_path):
     assert not HostFills(str(tmp_path), "another-bucket", "").filled_elsewhere(DIGEST)
+
+
+def test_a_worker_follows_another_workers_fill_once_for_all_its_clients(filler, tmp_path):
+    from bloblo.config import Settings
+    from bloblo.fills import Fills
+
+    host = HostFills(str(tmp_path), "bucket", "")
+    fills = Fills(Settings(spool_dir=str(tmp_path)), store=None, host=host)
+    first = fills.running(DIGEST)
+    filler("half")
+    assert isinstance(first, SharedFill) and first.wait_started(5)
+    second = fills.running(DIGEST)
+    assert second is first and second.wait_started(5)  # one follower, one descriptor
+    readers = [gevent.spawn(_read, fill) for fill in (first, second)]
+    filler("rest")
+    filler("verified")
+    filler("release")
+    assert [r.get(timeout=5) for r in readers] == [DATA, DATA]
+    gevent.sleep(0.05)  # the follower sees the end and closes its descriptor
+    assert first.spool is None
+    assert fills.running(DIGEST) is None  # over: nothing to follow, nothing filled elsewhere
