@@ -38,6 +38,7 @@ from .readers import FillReader
 LOG = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.005  # how often a joiner looks at another worker's fill
+CLOSE_GRACE_SECONDS = 1.0  # a followed fill that ended keeps its descriptor this long unread
 PRUNE_SECONDS = 60.0  # state files of fills over for this long are removed (at most this often)
 
 
@@ -279,8 +280,9 @@ class SharedFill:
             if self.spool.written != before or self.verified or self.broken:
                 progress, self.progress = self.progress, Event()
                 progress.set()
-        if self.readers == 0:
-            self.close_if_unused()
+        # Not at once: a client whose wait_started() just answered True makes its reader
+        # after this greenlet's turn (a blob verified before anyone read it).
+        gevent.spawn_later(CLOSE_GRACE_SECONDS, self.close_if_unused)
 
 
 class _SharedSpool:

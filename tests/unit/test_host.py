@@ -143,3 +143,13 @@ def test_a_worker_follows_another_workers_fill_once_for_all_its_clients(filler, 
     gevent.sleep(0.05)  # the follower sees the end and closes its descriptor
     assert first.spool is None
     assert fills.running(DIGEST) is None  # over: nothing to follow, nothing filled elsewhere
+
+
+def test_a_fill_verified_before_anyone_reads_it_still_serves_its_first_reader(filler, tmp_path):
+    fill = SharedFill(DIGEST, HostFills(str(tmp_path), "bucket", ""))
+    filler("half")
+    filler("rest")
+    filler("verified")
+    assert fill.wait_started(5)
+    gevent.sleep(0.01)  # the follower's turn: it sees the fill verified, its watch is over
+    assert _read(fill) == DATA
