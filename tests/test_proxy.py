@@ -14,7 +14,7 @@ import requests
 from tests.stack.bloblo import try_start
 from tests.stack.fake_upstream import FakeUpstream, Reply
 from tests.stack.images import assert_same_image, pull, push, push_big_blob, unique_tag
-from tests.stack.procs import LOOPBACK, free_port, local_session, poll
+from tests.stack.procs import LOOPBACK, CommandError, free_port, local_session, poll
 from tests.stack.regclient import RegistryClient, reading_half_way, sha256_file
 
 MIB = 1024 * 1024
@@ -33,8 +33,21 @@ def test_skopeo_push_and_pull_through_bloblo_match_the_upstream(
 
     push(image, bloblo.host, "team/app", tag, creds)  # skopeo streams blobs with PATCH
 
-    assert_same_image(pull(registry.host, "team/app", tag, tmp_path / "direct", creds), image)
+    assert_same_image(_pull_direct(registry, tag, tmp_path / "direct", creds), image)
     assert_same_image(pull(bloblo.host, "team/app", tag, tmp_path / "proxied", creds), image)
+
+
+def _pull_direct(registry, tag: str, directory, creds):
+    """Pull straight from the registry, bloblo nowhere in the path. Once (2026-11-29, in a
+    fresh clone's CI run) skopeo's token request to the test's own issuer got a 404 here; the
+    cause was not found (the issuer answers 404 only for another path). That error is tried
+    again, once; nothing else is."""
+    try:
+        return pull(registry.host, "team/app", tag, directory, creds)
+    except CommandError as exc:
+        if "Requesting bearer token: invalid status code from registry 404" not in str(exc):
+            raise
+        return pull(registry.host, "team/app", tag, directory, creds)
 
 
 @pytest.mark.parametrize("auth", ["basic", "token"])
