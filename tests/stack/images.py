@@ -22,6 +22,11 @@ from tests.stack.regclient import CHUNK, OCI_INDEX, OCI_MANIFEST, RegistryClient
 LOG = logging.getLogger(__name__)
 
 SKOPEO = "/usr/bin/skopeo"
+# As root, skopeo keeps a blob-info cache here (no flag moves it): where it saw each blob, by
+# registry host:port. Tests reuse ports, so it points at servers of earlier tests; a push then
+# tries to reuse blobs from them, and two fresh-clone CI runs failed on a token request answered
+# 404. Every copy starts without it.
+BLOB_INFO_CACHE = Path("/var/lib/containers/cache")
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -267,6 +272,8 @@ def skopeo_copy(src: str, dest: str, creds: Creds | None = None, timeout: float 
         argv.append(f"--src-creds={creds[0]}:{creds[1]}")
     if creds and dest.startswith("docker://"):
         argv.append(f"--dest-creds={creds[0]}:{creds[1]}")
+    for cache in BLOB_INFO_CACHE.glob("blob-info-cache-*"):
+        cache.unlink(missing_ok=True)
     run([*argv, src, dest], timeout=timeout)
 
 
