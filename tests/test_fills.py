@@ -5,6 +5,7 @@ from the fill, which does not depend on any of them."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -530,16 +531,25 @@ def _until_both_workers_read(bloblo, url: str, spool_dir: Path) -> list[Download
     raise AssertionError("every connection went to the same worker")
 
 
+@contextlib.contextmanager
+def _a_fill_both_workers_read(registry, start_bloblo, tmp_path, bytes_per_second: float):
+    """A fresh 32 MiB blob behind a slow upstream (so that the fill runs while clients come)
+    and bloblo with 2 workers: (blob, bloblo, spool directory, clients of both workers), while
+    the slow upstream runs."""
+    blob = _push_blob(registry, 32 * MIB, tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with Throttle(registry.port, bytes_per_second=bytes_per_second) as slow_upstream:
+        bloblo = start_bloblo(slow_upstream.url, workers=2, BLOBLO_SPOOL_DIR=str(spool))
+        clients = _until_both_workers_read(bloblo, bloblo.url + _path(blob.digest), spool)
+        yield blob, bloblo, spool, clients
+
+
 def test_the_workers_of_a_host_share_one_fill_of_a_new_blob(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = _push_blob(plain_registry, 32 * MIB, tmp_path)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    # A slow upstream (4 s for this blob) keeps the fill running while clients come.
-    with Throttle(plain_registry.port, bytes_per_second=8 * MIB) as slow_upstream:
-        bloblo = start_bloblo(slow_upstream.url, workers=2, BLOBLO_SPOOL_DIR=str(spool))
-        clients = _until_both_workers_read(bloblo, bloblo.url + _path(blob.digest), spool)
+    with _a_fill_both_workers_read(plain_registry, start_bloblo, tmp_path, 8 * MIB) as shared:
+        blob, bloblo, spool, clients = shared
         for client in clients:
             client.read_to_end()
             client.close()
@@ -555,13 +565,9 @@ def test_the_workers_of_a_host_share_one_fill_of_a_new_blob(
 def test_a_fill_whose_worker_is_killed_gives_the_other_workers_clients_a_short_read(
     plain_registry, s3, bucket, start_bloblo, tmp_path
 ):
-    blob = _push_blob(plain_registry, 32 * MIB, tmp_path)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    with Throttle(plain_registry.port, bytes_per_second=4 * MIB) as slow_upstream:
-        bloblo = start_bloblo(slow_upstream.url, workers=2, BLOBLO_SPOOL_DIR=str(spool))
+    with _a_fill_both_workers_read(plain_registry, start_bloblo, tmp_path, 4 * MIB) as shared:
+        blob, bloblo, spool, clients = shared
         url = bloblo.url + _path(blob.digest)
-        clients = _until_both_workers_read(bloblo, url, spool)
         # The filler holds its spool read-write (O_RDWR in the flags); a joiner read-only.
         (filler,) = [
             pid
