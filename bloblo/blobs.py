@@ -245,7 +245,7 @@ class BlobPolicy:
             (start, stop), status = span, 206
             headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{fill.size}"))
         headers.append(("Content-Length", str(stop - start)))
-        reader = fill.reader(start, stop, hold_tail=status == 200)
+        reader = self._fills.serving(fill.reader(start, stop, hold_tail=status == 200))
         client_socket = req.environ.get("gunicorn.socket")
         if client_socket is not None:
             client_socket.settimeout(CLIENT_STALL_SECONDS)

@@ -62,6 +62,9 @@ class Settings:
     spool_max_bytes: int = 10 * 1024 * 1024 * 1024  # per worker
     max_fills: int = 8  # per worker; 0 turns caching off
     fill_deadline_seconds: float = 3600.0
+    # A verified fill's S3 upload waits up to this long while blobs are still downloading on
+    # this host, so that the clients waiting for them keep the cores (issue #7, cold pulls).
+    upload_hold_seconds: float = 10.0
     stream_user_agents: re.Pattern[str] | None = None
     stream_networks: tuple[Network, ...] = ()
     # Load balancers whose X-Forwarded-* headers are believed (issue #6, part 4).
@@ -182,6 +185,11 @@ def _read(env: environs.Env) -> dict:
             3600.0,
             validate=Range(min=0.1, max=7 * 24 * 3600, error="expected seconds, {min} to {max}"),
         ),
+        "upload_hold": env.float(
+            "UPLOAD_HOLD_SECONDS",
+            10.0,
+            validate=Range(min=0, max=600, error="expected seconds, {min} to {max}"),
+        ),
         "user_agents": env.str("STREAM_USER_AGENTS", "", validate=_check_regex),
         "networks": env.list("STREAM_NETWORKS", [], validate=_check_networks),
         "log_format": env.str(
@@ -227,6 +235,7 @@ def _settings(raw: dict) -> Settings:
         spool_max_bytes=raw["spool_max_mb"] * 1024 * 1024,
         max_fills=_first_set(raw["max_fills"], raw["max_uploads"], Settings.max_fills),
         fill_deadline_seconds=raw["fill_deadline"],
+        upload_hold_seconds=raw["upload_hold"],
         stream_user_agents=re.compile(raw["user_agents"]) if raw["user_agents"] else None,
         stream_networks=_networks(raw["networks"]),
         trusted_proxies=_networks(raw["trusted_proxies"]),

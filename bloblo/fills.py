@@ -32,6 +32,8 @@ from .upstream import release
 
 LOG = logging.getLogger(__name__)
 
+HOLD_POLL_SECONDS = 0.02  # how often a held upload looks whether the host is still busy
+
 
 class FillBroken(Exception):
     """The download ended without the whole blob, verified."""
@@ -115,12 +117,16 @@ class Fill:
         started = time.monotonic()
         try:
             with gevent.Timeout(self._owner.deadline, FillBroken("the fill deadline passed")):
+                self._owner.busy(+1)
                 try:
                     self._download(response)
                 finally:
+                    self._owner.busy(-1)
                     release(response)
-                # Only now: while the download runs, its clients have the worker's CPU to
-                # themselves (an upload alongside made a cold pull twice as slow, issue #7).
+                # Only now, and once the host's clients of fills are served: while they are,
+                # they have the CPU to themselves (an upload alongside made a cold pull twice
+                # as slow, issue #7).
+                self._owner.hold_upload()
                 if self._owner.store.available():
                     self._upload()
                 else:
@@ -155,13 +161,13 @@ class Fill:
         hasher, turns, pool = self.digest.hasher(), Turns(), gevent.get_hub().threadpool
         for chunk in response.raw.stream(CHUNK, decode_content=False):
             if self._writing is not None:
-                self._writing.get()  # raises the spool's error, if any
+                _raise_failed_write(self._writing)
                 self._notify()
             self._writing = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
             metrics.UPSTREAM_BYTES.inc(len(chunk))
             turns.give()
         if self._writing is not None:
-            self._writing.get()
+            _raise_failed_write(self._writing)
             self._notify()
         if self.spool.written != self.size:
             raise FillBroken(f"the upstream sent {self.spool.written} bytes of {self.size}")
@@ -254,9 +260,22 @@ class Fill:
             self.spool.close()
 
 
-def _spool_and_hash(spool: Spool, hasher, chunk: bytes) -> None:
-    spool.append(chunk)
+def _spool_and_hash(spool: Spool, hasher, chunk: bytes) -> SpoolError | None:
+    """Append chunk to the spool and the hash (in gevent's threadpool). A failed write is
+    returned, not raised: the threadpool would log a raised one as a traceback."""
+    try:
+        spool.append(chunk)
+    except SpoolError as exc:
+        return exc
     hasher.update(chunk)
+    return None
+
+
+def _raise_failed_write(writing) -> None:
+    """Wait for a _spool_and_hash in the threadpool; raise the SpoolError it returned."""
+    error = writing.get()
+    if error is not None:
+        raise error
 
 
 class Fills:
@@ -271,6 +290,8 @@ class Fills:
         self._max = settings.max_fills
         self._running: dict[str, Fill] = {}
         self._shared: dict[str, SharedFill] = {}  # other workers' fills this one follows
+        self._upload_hold = settings.upload_hold_seconds
+        self._busy = 0  # downloads of this worker's fills, and its clients of fills, now
 
     def running(self, digest: Digest) -> Fill | SharedFill | None:
         """The fill of digest under way in this worker or, failing that, in another worker of
@@ -308,6 +329,35 @@ class Fills:
         """fill takes no more clients (it ended, or never started)."""
         if self._running.get(str(fill.digest)) is fill:
             del self._running[str(fill.digest)]
+
+    def serving(self, reader: FillReader) -> FillReader:
+        """reader, counted as a client of a fill until it is closed (held uploads wait)."""
+        self.busy(+1)
+        reader.on_close(lambda: self.busy(-1))
+        return reader
+
+    def busy(self, change: int) -> None:
+        """One more (+1) or one less (-1) download or client of a fill in this worker."""
+        was_busy = self._busy > 0
+        self._busy += change
+        if self.host is not None and was_busy != (self._busy > 0):
+            self.host.busy(self._busy > 0)
+
+    def hold_upload(self) -> float:
+        """Wait while this host's workers download blobs or serve them from fills, at most
+        BLOBLO_UPLOAD_HOLD_SECONDS; return the seconds waited. On a host short of cores an
+        upload (boto3, and the S3 server if it runs there) slows the clients still waiting for
+        their blobs; it waits for them instead (issue #7, cold pulls)."""
+        started = time.monotonic()
+        deadline = started + self._upload_hold
+        while time.monotonic() < deadline and self._busy_here():
+            gevent.sleep(HOLD_POLL_SECONDS)
+        held = time.monotonic() - started
+        metrics.UPLOAD_HOLD.observe(held)
+        return held
+
+    def _busy_here(self) -> bool:
+        return self._busy > 0 or (self.host is not None and self.host.busy_elsewhere())
 
     def in_progress(self) -> int:
         """How many fills this worker runs now."""

@@ -5,7 +5,9 @@ All of it lives in BLOBLO_SPOOL_DIR, named by a namespace (a hash of bucket and 
 instances caching elsewhere never share a fill) and the blob's digest:
 
 - `bloblo-fills-<ns>.lock`: one byte-range lock per digest (fcntl), held by the worker that
-  fills the blob; the kernel drops it when that process dies, however it dies;
+  fills the blob; the kernel drops it when that process dies, however it dies. One more byte,
+  past every digest's, carries a shared lock of each worker busy with fills now (downloading
+  a blob, or serving one to a client);
 - `bloblo-fill-<ns>-<hex>-<token>.spool`: the filling worker's spool, under a name (new for
   every fill) while it fills;
 - `bloblo-fill-<ns>-<hex>.json`: how far it got, replaced whole on each change:
@@ -24,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +43,8 @@ LOG = logging.getLogger(__name__)
 WATCH_SECONDS = 0.005  # how often a joiner looks at another worker's fill
 CLOSE_GRACE_SECONDS = 1.0  # a followed fill that ended keeps its descriptor this long unread
 PRUNE_SECONDS = 60.0  # state files of fills over for this long are removed (at most this often)
+BUSY_BYTE = 1 << 60  # past every digest's byte (_offset takes 60 bits)
+_FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
 
 
 class HostFills:
@@ -84,6 +89,25 @@ class HostFills:
         ) as out:
             json.dump(state, out)
         os.replace(out.name, path)
+
+    def busy(self, active: bool) -> None:
+        """Say whether this worker is busy with fills now: downloading a blob or serving one
+        to a client (a shared lock on BUSY_BYTE, which the kernel drops if the worker dies)."""
+        mode = fcntl.LOCK_SH | fcntl.LOCK_NB if active else fcntl.LOCK_UN
+        try:
+            fcntl.lockf(self._lock_fd, mode, 1, BUSY_BYTE)
+        except OSError as exc:  # only uploads held for the others' clients depend on it
+            LOG.warning("cannot tell the host's workers that this one is busy: %s", exc)
+
+    def busy_elsewhere(self) -> bool:
+        """Whether another worker of the host is busy with fills now (F_GETLK: asks, takes
+        nothing, and never sees this worker's own locks)."""
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, BUSY_BYTE, 1, 0)
+        try:
+            answer = fcntl.fcntl(self._lock_fd, fcntl.F_GETLK, query)
+        except OSError:
+            return False
+        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
 
     # -- the workers that join ------------------------------------------------------------------
 

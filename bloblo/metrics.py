@@ -63,6 +63,12 @@ FILLS_IN_PROGRESS = Gauge(
 SPOOL_BYTES = Gauge(
     "bloblo_spool_bytes", "Bytes of spool disk reserved by fills now.", multiprocess_mode="livesum"
 )
+UPLOAD_HOLD = Histogram(
+    "bloblo_upload_hold_seconds",
+    "Seconds a verified fill's S3 upload waited for the host's other downloads to end "
+    "(at most BLOBLO_UPLOAD_HOLD_SECONDS).",
+    buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
+)
 UPSTREAM_DURATION = Histogram(
     "bloblo_upstream_request_duration_seconds",
     "Seconds until the registry answered a request (headers, not the body).",

@@ -8,7 +8,7 @@ failed, or None), `progress` (an Event set and replaced whenever any of those mo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import metrics
 from .errors import AbortResponse
@@ -31,6 +31,7 @@ class FillReader:
         self._fill = fill
         self._start, self._stop, self._hold_tail = start, stop, hold_tail
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
         fill.readers += 1
 
     def __iter__(self) -> Iterator[bytes]:
@@ -55,9 +56,15 @@ class FillReader:
         if self._hold_tail and not fill.verified:
             raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call callback once, when the reader is closed."""
+        self._on_close.append(callback)
+
     def close(self) -> None:
         """Done reading (safe to call more than once)."""
         if not self._closed:
             self._closed = True
             self._fill.readers -= 1
             self._fill.close_if_unused()
+            for callback in self._on_close:
+                callback()

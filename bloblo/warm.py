@@ -106,7 +106,8 @@ class Warmer:
         # No circuit breaker: the proxy stops asking a failing S3 for a while and serves from
         # the registry, but warm's only job is S3, so each blob asks it again.
         self.store = BlobStore(settings, unavailable_seconds=0)
-        self.fills = Fills(settings, self.store)
+        # Nobody waits for warm's downloads: each blob goes to S3 as soon as it is verified.
+        self.fills = Fills(dataclasses.replace(settings, upload_hold_seconds=0), self.store)
         self.jobs = jobs
         self._auth = Authorizer(credentials)
         self._admission = Semaphore()  # one blob at a time waits for spool room, then starts

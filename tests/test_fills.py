@@ -176,7 +176,8 @@ def test_a_client_that_stops_reading_keeps_no_blob_from_being_cached(
 ):
     stalled_blob = _push_blob(plain_registry, 64 * MIB, tmp_path)  # far more than socket buffers
     other = _push_blob(plain_registry, 4 * MIB, tmp_path)
-    bloblo = start_bloblo(plain_registry, BLOBLO_MAX_FILLS="1")
+    # The stalled client holds uploads (BLOBLO_UPLOAD_HOLD_SECONDS) no longer than the hold.
+    bloblo = start_bloblo(plain_registry, BLOBLO_MAX_FILLS="1", BLOBLO_UPLOAD_HOLD_SECONDS="2")
     with Download(bloblo.url + _path(stalled_blob.digest)) as stalled:
         assert stalled.status == 200
         stalled.read(at_least=MIB)  # then reads nothing more, its connection open
@@ -189,6 +190,27 @@ def test_a_client_that_stops_reading_keeps_no_blob_from_being_cached(
         assert not stalled.ended
     assert _cached_digest(s3, bucket, stalled_blob.digest) == stalled_blob.digest
     assert _cached_digest(s3, bucket, other.digest) == other.digest
+
+
+def test_uploads_wait_until_the_hosts_clients_of_fills_are_served(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    """BLOBLO_UPLOAD_HOLD_SECONDS: a verified blob goes to S3 once no client of a fill is
+    still being served on the host (whichever worker serves it), or when the hold runs out."""
+    reading_blob = _push_blob(plain_registry, 64 * MIB, tmp_path)
+    other = _push_blob(plain_registry, 4 * MIB, tmp_path)
+    bloblo = start_bloblo(plain_registry, workers=2, BLOBLO_UPLOAD_HOLD_SECONDS="60")
+    with Download(bloblo.url + _path(reading_blob.digest)) as reading:
+        reading.read(at_least=MIB)  # a client still being served
+        got = fetch(bloblo.url + _path(other.digest), keep=False)
+        assert (got.status, got.complete, got.digest) == (200, True, other.digest)
+        time.sleep(3)
+        assert not _in_bucket(s3, bucket, other.digest), "uploaded while a client was served"
+        assert not _in_bucket(s3, bucket, reading_blob.digest)
+        assert reading.read_to_end().complete
+    assert reading.digest == reading_blob.digest
+    assert poll(lambda: _in_bucket(s3, bucket, other.digest), timeout=30)
+    assert poll(lambda: _in_bucket(s3, bucket, reading_blob.digest), timeout=30)
 
 
 # --- Range ------------------------------------------------------------------------------------

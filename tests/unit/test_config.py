@@ -67,6 +67,8 @@ def test_listen_addresses(monkeypatch, addr, expected):
         ("BLOBLO_WORKERS", "0"),
         ("BLOBLO_CACHE_CHECK_SECONDS", "61"),
         ("BLOBLO_CACHE_REFRESH_SECONDS", "-1"),
+        ("BLOBLO_UPLOAD_HOLD_SECONDS", "601"),
+        ("BLOBLO_UPLOAD_HOLD_SECONDS", "soon"),
     ],
 )
 def test_an_invalid_value_names_the_variable(monkeypatch, name, value):
@@ -82,3 +84,9 @@ def test_dotenv_file_is_read_and_the_environment_wins(monkeypatch, tmp_path):
     monkeypatch.setenv("BLOBLO_WORKERS", "5")
     s = load_settings()
     assert (s.s3_bucket, s.workers) == ("from-dotenv", 5)
+
+
+def test_the_upload_hold_defaults_to_ten_seconds_and_zero_turns_it_off(monkeypatch):
+    assert load_settings().upload_hold_seconds == 10.0
+    monkeypatch.setenv("BLOBLO_UPLOAD_HOLD_SECONDS", "0")
+    assert load_settings().upload_hold_seconds == 0.0

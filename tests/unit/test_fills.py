@@ -2,6 +2,7 @@
 wrong on the way publishes nothing and ends every reader with a short read (issue #7)."""
 
 import hashlib
+import time
 
 import gevent
 import pytest
@@ -159,3 +160,56 @@ def test_the_spool_budget_and_the_fill_cap_say_no_instead_of_waiting(tmp_path):
     assert not fill.begin(FakeResponse([]), 2 * MIB, [])  # larger than the budget
     fill.cancel()
     assert fills.in_progress() == 0 and fills.reserve(_digest(b"b")) is not None
+
+
+# --- the upload waits for the worker's clients (BLOBLO_UPLOAD_HOLD_SECONDS) --------------------
+
+
+def test_an_upload_waits_while_the_worker_serves_a_client_of_a_fill(tmp_path):
+    store = RecordingStore()
+    fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=30), store)
+    other_data = DATA[: 3 * MIB]
+    other = fills.reserve(_digest(other_data))
+    assert other.begin(FakeResponse(_chunks(other_data)), len(other_data), [])
+    client = fills.serving(other.reader(0, MIB, hold_tail=False))  # reads, then stays open
+    assert len(b"".join(client)) == MIB
+    fill = fills.reserve(_digest(DATA))
+    assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
+    assert _read(fill.reader(0, len(DATA), hold_tail=True)) == DATA
+    gevent.sleep(0.5)
+    assert store.published == {}  # both verified, both held for the open client
+    client.close()
+    fill.done.wait(10)
+    other.done.wait(10)
+    assert set(store.published) == {str(fill.digest), str(other.digest)}
+
+
+def test_a_held_upload_goes_after_upload_hold_seconds_whatever_the_clients_do(tmp_path):
+    store = RecordingStore()
+    fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=0.5), store)
+    fill = fills.reserve(_digest(DATA))
+    assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
+    stalled = fills.serving(fill.reader(0, len(DATA), hold_tail=True))
+    next(iter(stalled))  # one chunk, then the client reads nothing more
+    started = time.monotonic()
+    assert fill.done.wait(10)
+    assert 0.4 < time.monotonic() - started < 5
+    assert store.published == {str(fill.digest): DATA}
+    stalled.close()
+
+
+def test_serving_counts_a_client_once_however_often_its_reader_is_closed(tmp_path):
+    fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=0.5), RecordingStore())
+    fill = fills.reserve(_digest(DATA))
+    assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
+    first = fills.serving(fill.reader(0, MIB, hold_tail=False))
+    second = fills.serving(fill.reader(0, MIB, hold_tail=False))
+    first.close()
+    first.close()  # WSGI servers may close twice
+    started = time.monotonic()
+    fill.done.wait(10)
+    assert time.monotonic() - started > 0.4  # still held: the second client is there
+    second.close()
+    fills.busy(+1)  # a download: nothing else is counted
+    fills.busy(-1)
+    assert fills.hold_upload() < 0.1

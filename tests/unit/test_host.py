@@ -36,6 +36,8 @@ def _filler(directory: str, commands, done) -> None:
                 host.publish(DIGEST, {**state, "state": command, "reason": "wrong bytes"})
             elif command == "release":
                 host.release(DIGEST, path)
+            elif command in ("busy", "idle"):
+                host.busy(command == "busy")
             elif command == "die":
                 os._exit(1)  # no release: the kernel drops the lock
             done.send(command)
@@ -153,3 +155,28 @@ def test_a_fill_verified_before_anyone_reads_it_still_serves_its_first_reader(fi
     assert fill.wait_started(5)
     gevent.sleep(0.01)  # the follower's turn: it sees the fill verified, its watch is over
     assert _read(fill) == DATA
+
+
+def test_a_worker_busy_with_fills_is_seen_by_the_others_until_it_is_idle_or_dies(filler, tmp_path):
+    host = HostFills(str(tmp_path), "bucket", "")
+    assert not host.busy_elsewhere()
+    filler("busy")
+    assert host.busy_elsewhere()
+    assert not HostFills(str(tmp_path), "another-bucket", "").busy_elsewhere()
+    filler("idle")
+    assert not host.busy_elsewhere()
+    host.busy(True)  # this worker's own lock is no other worker's
+    assert not host.busy_elsewhere()
+    filler("busy")
+    assert host.busy_elsewhere()
+    host.busy(False)
+    assert host.busy_elsewhere()
+    filler("die")
+    assert not host.busy_elsewhere()
+
+
+def test_being_busy_leaves_the_digest_locks_alone(filler, tmp_path):
+    host = HostFills(str(tmp_path), "bucket", "")
+    filler("busy")
+    filler("idle")
+    assert host.filled_elsewhere(DIGEST)  # the filler's lock on the blob is still there
