@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import MIB
+from bench.measure import MIB, settle_disk
 from tests.stack.images import push_big_blob, unique_tag
 from tests.stack.procs import local_session, poll
 from tests.stack.regclient import RegistryClient
@@ -53,6 +53,7 @@ def push_fresh_blob(registry: Registry, repo: str, size: int, workdir: Path) -> 
     finally:
         client.close()
     blob.path.unlink()
+    settle_disk()
     return blob.digest
 
 

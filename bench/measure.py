@@ -37,6 +37,12 @@ def curl_download(url: str, headers: Sequence[str] = ()) -> tuple[float, int]:
     return float(speed), int(size)
 
 
+def settle_disk() -> None:
+    """Write every dirty page to disk (sync(2)), untimed, so that the next measurement does not
+    pay for the writeback of what came before it (a push, an earlier pull)."""
+    os.sync()
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User plus system CPU seconds used so far by the live processes `pids`."""
     return sum(cpu_times(pids))

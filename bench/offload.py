@@ -24,7 +24,16 @@ from pathlib import Path
 from boto3.s3.transfer import TransferConfig
 
 from bench import latency
-from bench.measure import GIB, MB, MIB, WorkerWatch, rotated, seconds_until_stored, worker_rows
+from bench.measure import (
+    GIB,
+    MB,
+    MIB,
+    WorkerWatch,
+    rotated,
+    seconds_until_stored,
+    settle_disk,
+    worker_rows,
+)
 from bench.relay import RelayServer
 from bench.report import Row, Section, Target
 from tests.stack.bloblo import BlobloServer
@@ -224,6 +233,7 @@ def _timed_pull(stack: Stack, path: str, image: Image, dest: Path) -> tuple[floa
     """skopeo copy the image into a fresh OCI layout through `path`; return (seconds taken,
     monotonic time it returned). Raises RuntimeError if other layers arrived."""
     host, creds = stack.endpoint(path)
+    settle_disk()
     started = time.monotonic()
     skopeo_copy(f"docker://{host}/{REPO}:{image.tag}", f"oci:{dest}:{image.tag}", creds)
     returned = time.monotonic()
@@ -364,4 +374,6 @@ def _notes(results: list[RoundResult]) -> list[str]:
         "its bucket held every layer, divided by the GiB of layers pulled.",
         "Pull seconds include skopeo's start and its HTTPS probe of each plain-HTTP registry: "
         "the same for every path.",
+        "Every pull starts after sync(2), untimed: no path pays for the writeback of the pushes "
+        "or of the pull before it.",
     ]

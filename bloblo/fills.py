@@ -33,6 +33,7 @@ from .upstream import release
 LOG = logging.getLogger(__name__)
 
 HOLD_POLL_SECONDS = 0.02  # how often a held upload looks whether the host is still busy
+HOLD_QUIET_SECONDS = 1.0  # a held upload goes once the host has been idle this long
 
 
 class FillBroken(Exception):
@@ -292,6 +293,8 @@ class Fills:
         self._shared: dict[str, SharedFill] = {}  # other workers' fills this one follows
         self._upload_hold = settings.upload_hold_seconds
         self._busy = 0  # downloads of this worker's fills, and its clients of fills, now
+        self._draining = False  # the worker stops: held uploads go at once
+        self._idle_since = 0.0  # monotonic seconds when this worker was last busy
 
     def running(self, digest: Digest) -> Fill | SharedFill | None:
         """The fill of digest under way in this worker or, failing that, in another worker of
@@ -340,17 +343,25 @@ class Fills:
         """One more (+1) or one less (-1) download or client of a fill in this worker."""
         was_busy = self._busy > 0
         self._busy += change
+        if self._busy == 0:
+            self._idle_since = time.monotonic()
         if self.host is not None and was_busy != (self._busy > 0):
             self.host.busy(self._busy > 0)
 
     def hold_upload(self) -> float:
-        """Wait while this host's workers download blobs or serve them from fills, at most
-        BLOBLO_UPLOAD_HOLD_SECONDS; return the seconds waited. On a host short of cores an
-        upload (boto3, and the S3 server if it runs there) slows the clients still waiting for
-        their blobs; it waits for them instead (issue #7, cold pulls)."""
+        """Wait until this host's workers have neither downloaded a blob nor served one from a
+        fill for HOLD_QUIET_SECONDS, at most BLOBLO_UPLOAD_HOLD_SECONDS (0: no wait); return
+        the seconds waited. On a host short of cores an upload (boto3, and the S3 server if it
+        runs there) slows the clients still waiting for their blobs, and a pull's next blob
+        (its config, after the layers) comes right after the last one (issue #7, cold pulls)."""
         started = time.monotonic()
         deadline = started + self._upload_hold
-        while time.monotonic() < deadline and self._busy_here():
+        last_busy = self._idle_since
+        while (now := time.monotonic()) < deadline and not self._draining:
+            if self._busy_here():
+                last_busy = now
+            elif now - max(last_busy, self._idle_since) >= HOLD_QUIET_SECONDS:
+                break  # (_idle_since: a client of this worker came and went between looks)
             gevent.sleep(HOLD_POLL_SECONDS)
         held = time.monotonic() - started
         metrics.UPLOAD_HOLD.observe(held)
@@ -364,9 +375,13 @@ class Fills:
         return len(self._running)
 
     def drain(self, timeout: float) -> int:
-        """Wait up to timeout seconds for the fills under way; return how many are left."""
+        """Wait up to timeout seconds for the fills under way (their held uploads go at once);
+        return how many are left. Then the host's files of this worker's fills are tidied."""
+        self._draining = True
         fills = list(self._running.values())
         if fills:
             LOG.info("waiting up to %gs for %d fills", timeout, len(fills))
             gevent.joinall([gevent.spawn(fill.done.wait) for fill in fills], timeout=timeout)
+        if self.host is not None:
+            self.host.close()
         return self.in_progress()

@@ -12,8 +12,8 @@ instances caching elsewhere never share a fill) and the blob's digest:
   every fill) while it fills;
 - `bloblo-fill-<ns>-<hex>.json`: how far it got, replaced whole on each change:
   `{"spool", "size", "headers", "state": "running" | "verified" | "broken", "reason"}`. It stays
-  after the fill (a worker that has not looked yet must learn how it ended) until the next fill
-  of the blob or the next prune.
+  STATE_GRACE_SECONDS after the fill (the workers following it must learn how it ended), or,
+  when its worker was killed, until the next fill of the blob or the next prune.
 
 A worker never asks about a digest it fills itself: POSIX locks do not conflict within a process.
 """
@@ -43,6 +43,7 @@ LOG = logging.getLogger(__name__)
 WATCH_SECONDS = 0.005  # how often a joiner looks at another worker's fill
 CLOSE_GRACE_SECONDS = 1.0  # a followed fill that ended keeps its descriptor this long unread
 PRUNE_SECONDS = 60.0  # state files of fills over for this long are removed (at most this often)
+STATE_GRACE_SECONDS = 2.0  # a fill's state outlives it this long: its followers look every 5 ms
 BUSY_BYTE = 1 << 60  # past every digest's byte (_offset takes 60 bits)
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
 
@@ -56,6 +57,7 @@ class HostFills:
         path = os.path.join(self.directory, f"bloblo-fills-{self._ns}.lock")
         self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._claimed: set[str] = set()  # digests this worker fills (never probed: see above)
+        self._ending: set[gevent.Greenlet] = set()  # removals of ended fills' states, pending
         self._pruned_at = time.monotonic()
 
     # -- the worker that fills ------------------------------------------------------------------
@@ -79,7 +81,27 @@ class HostFills:
             self._remove(spool_path)
         self._unlock(digest)
         self._claimed.discard(digest.hex)
+        if spool_path:
+            removal = gevent.spawn_later(
+                STATE_GRACE_SECONDS, self._remove_state, digest, os.path.basename(spool_path)
+            )
+            self._ending.add(removal)
+            removal.link(self._ending.discard)
         self._prune()
+
+    def close(self) -> None:
+        """The worker stops: remove the states of its fills once their grace is over (at most
+        STATE_GRACE_SECONDS from now), so that nothing of them is left behind."""
+        gevent.joinall(list(self._ending), timeout=STATE_GRACE_SECONDS + 1)
+
+    def _remove_state(self, digest: Digest, spool_name: str) -> None:
+        """Remove the state an ended fill left, unless a newer fill of the blob replaced it."""
+        state = self.state(digest)
+        if state is None or state.get("spool") != spool_name or digest.hex in self._claimed:
+            return
+        if self._lock(digest):  # no other worker has started a fill of it since
+            self._remove(self._state_path(digest))
+            self._unlock(digest)
 
     def publish(self, digest: Digest, state: dict) -> None:
         """Replace the blob's state file with state (atomically: readers see all or nothing)."""

@@ -65,21 +65,18 @@ def test_json_logs_have_one_object_per_line_and_one_access_line_per_request(
         "alice", [{"type": "repository", "name": "team/app", "actions": ["pull"]}]
     )
     layer = image.layer_digests[0]
+    url = f"{bloblo.url}/v2/team/app/blobs/{layer}"
+    auth = {"Authorization": f"Bearer {token}"}
     with local_session() as session:
-        headers = {"Authorization": f"Bearer {token}", "X-Request-Id": "req-42"}
-        warm = poll(
+        # Once the layer is in the bucket (uploads wait a moment after a pull), one GET with
+        # an X-Request-Id of the client's.
+        assert poll(
             lambda: (
-                (
-                    answer := session.get(
-                        f"{bloblo.url}/v2/team/app/blobs/{layer}",
-                        headers=headers,
-                        allow_redirects=False,
-                        timeout=30,
-                    )
-                ).status_code
-                == 307
-                and answer
+                session.get(url, headers=auth, allow_redirects=False, timeout=30).status_code == 307
             )
+        )
+        warm = session.get(
+            url, headers={**auth, "X-Request-Id": "req-42"}, allow_redirects=False, timeout=30
         )
     assert warm.headers["X-Request-Id"] == "req-42"
     assert poll(lambda: '"request_id": "req-42"' in bloblo.log_text())  # written after the answer

@@ -74,13 +74,15 @@ def test_first_pull_fills_the_bucket_and_the_second_is_served_from_s3(
 
 
 def test_docker_pulls_fresh_layers_from_s3(
-    basic_registry, alice, dockerd, start_bloblo, make_image, tmp_path
+    basic_registry, alice, s3, bucket, dockerd, start_bloblo, make_image, tmp_path
 ):
     image = make_image([500_000, 900_000])
     tag = unique_tag()
     push(image, basic_registry.host, "team/app", tag, alice)
     bloblo = start_bloblo(basic_registry)
     pull(bloblo.host, "team/app", tag, tmp_path / "warm-up", alice)  # fills the cache
+    for digest in image.layer_digests:  # uploads wait a moment after a pull
+        assert poll(lambda d=digest: cached(s3, bucket, d), timeout=30)
 
     dockerd.login(bloblo.host, *alice)
     dockerd.pull(f"{bloblo.host}/team/app:{tag}")

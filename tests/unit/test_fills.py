@@ -7,6 +7,7 @@ import time
 import gevent
 import pytest
 
+from bloblo import fills as fills_module
 from bloblo.config import Settings
 from bloblo.errors import AbortResponse
 from bloblo.fills import Fills
@@ -210,6 +211,24 @@ def test_serving_counts_a_client_once_however_often_its_reader_is_closed(tmp_pat
     fill.done.wait(10)
     assert time.monotonic() - started > 0.4  # still held: the second client is there
     second.close()
-    fills.busy(+1)  # a download: nothing else is counted
+
+
+def test_a_held_upload_waits_for_a_quiet_host_and_goes_at_once_when_the_worker_stops(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(fills_module, "HOLD_QUIET_SECONDS", 0.3)
+    fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=30), RecordingStore())
+    fills.busy(+1)  # a download, say
     fills.busy(-1)
-    assert fills.hold_upload() < 0.1
+    assert 0.25 < fills.hold_upload() < 2  # quiet for 0.3 s
+    assert fills.hold_upload() < 0.1  # idle for long enough already
+    fills.busy(+1)
+    fills.busy(-1)
+    comeback = gevent.spawn_later(0.2, fills.busy, +1)  # the pull's next blob, a moment later
+    gevent.spawn_later(0.4, fills.busy, -1)
+    assert 0.6 < fills.hold_upload() < 3
+    assert comeback.dead
+    fills.busy(+1)  # a client that stays
+    stop = gevent.spawn_later(0.3, fills.drain, 5)
+    assert 0.25 < fills.hold_upload() < 2  # no longer held once the worker drains
+    stop.join()

@@ -10,6 +10,7 @@ import os
 import gevent
 import pytest
 
+from bloblo import host as host_module
 from bloblo.errors import AbortResponse
 from bloblo.host import HostFills, SharedFill
 from bloblo.names import Digest
@@ -180,3 +181,46 @@ def test_being_busy_leaves_the_digest_locks_alone(filler, tmp_path):
     filler("busy")
     filler("idle")
     assert host.filled_elsewhere(DIGEST)  # the filler's lock on the blob is still there
+
+
+def _filled_and_released(host: HostFills) -> str:
+    """Fill DIGEST in this process (its spool and state), end the fill; the spool's name."""
+    path = host.claim(DIGEST)
+    with open(path, "xb") as spool:
+        spool.write(DATA)
+    state = {"spool": os.path.basename(path), "size": len(DATA), "headers": []}
+    host.publish(DIGEST, {**state, "state": "verified"})
+    host.release(DIGEST, path)
+    return os.path.basename(path)
+
+
+def _fill_files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if "fill-" in p.name)
+
+
+def test_an_ended_fill_leaves_nothing_behind_once_its_followers_had_time_to_look(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(host_module, "STATE_GRACE_SECONDS", 0.2)
+    host = HostFills(str(tmp_path), "bucket", "")
+    _filled_and_released(host)
+    assert [name[-5:] for name in _fill_files(tmp_path)] == [".json"]  # for its followers
+    gevent.sleep(0.4)
+    assert _fill_files(tmp_path) == []
+
+
+def test_the_state_of_a_newer_fill_of_the_blob_stays(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_module, "STATE_GRACE_SECONDS", 0.2)
+    host = HostFills(str(tmp_path), "bucket", "")
+    _filled_and_released(host)
+    host.publish(DIGEST, {"spool": "a-newer-fill.spool", "size": 1, "headers": []})
+    gevent.sleep(0.4)
+    assert host.state(DIGEST)["spool"] == "a-newer-fill.spool"
+
+
+def test_a_stopping_worker_tidies_its_ended_fills_before_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_module, "STATE_GRACE_SECONDS", 0.3)
+    host = HostFills(str(tmp_path), "bucket", "")
+    _filled_and_released(host)
+    host.close()
+    assert _fill_files(tmp_path) == []
