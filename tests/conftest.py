@@ -136,7 +136,8 @@ def start_bloblo(
 ) -> Iterator[Callable[..., BlobloServer]]:
     """Factory: start_bloblo(registry, workers=1, bucket_name=None, command_prefix=(), **env)
     starts bloblo in front of `registry` (a Registry or a URL), caching in this test's `bucket`
-    unless another is named, with extra environment `env` (and gunicorn run through
+    unless another is named, uploading at once (BLOBLO_UPLOAD_HOLD_SECONDS=0) unless `env`
+    says otherwise, with extra environment `env` (and gunicorn run through
     command_prefix, e.g. limits.file_size_limit()); all of them stop at teardown."""
     servers: list[BlobloServer] = []
 
@@ -153,7 +154,10 @@ def start_bloblo(
             s3_endpoint_url=s3.endpoint_url,
             bucket=bucket_name or bucket,
             workers=workers,
-            env=env,
+            # Uploads at once unless a test says otherwise: most tests wait for the bucket,
+            # and the hold (a quiet second at least) cost the suite 2.5 minutes. The hold's
+            # own tests and the end-to-end pull in test_offload set it.
+            env={"BLOBLO_UPLOAD_HOLD_SECONDS": "0", **env},
             command_prefix=command_prefix,
         )
         servers.append(server)

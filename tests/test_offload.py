@@ -59,7 +59,7 @@ def test_first_pull_fills_the_bucket_and_the_second_is_served_from_s3(
     image = make_image([400_000, 3 * MIB])
     tag = unique_tag()
     push(image, token_registry.host, "team/app", tag, alice)
-    bloblo = start_bloblo(token_registry)
+    bloblo = start_bloblo(token_registry, BLOBLO_UPLOAD_HOLD_SECONDS="10")  # the default
 
     assert_same_image(pull(bloblo.host, "team/app", tag, tmp_path / "cold", alice), image)
     for digest in _image_blobs(image):
