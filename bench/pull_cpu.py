@@ -20,23 +20,12 @@ from pathlib import Path
 
 import psutil
 
-from bench.measure import MIB, settle_disk
+from bench.measure import MIB, cpu_seconds, settle_disk
 from bench.offload import REPO, USER, _timed_pull, _warm_up, running_stack
 from tests.stack.images import build_image, push, unique_tag
 
 PATHS = ("bloblo", "peer")
 SETTLE_SECONDS = 8.0  # after a pull, the uploads it started are over before the next push
-
-
-def _cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def _busy() -> float:
@@ -65,11 +54,13 @@ def main(rounds: int) -> None:
                     )
                     push(image, stack.upstream.host, REPO, creds=USER)
                     settle_disk()
-                    before = {name: _cpu(pids) for name, pids in programs.items()}
+                    before = {name: cpu_seconds(pids) for name, pids in programs.items()}
                     busy_before = _busy()
                     took, _ = _timed_pull(stack, path, image, work / "pull")
                     busy = _busy() - busy_before
-                    spent = {name: _cpu(pids) - before[name] for name, pids in programs.items()}
+                    spent = {
+                        name: cpu_seconds(pids) - before[name] for name, pids in programs.items()
+                    }
                     seconds[path].append(took)
                     print(
                         f"round {index + 1} {path:6s} {took:.2f} s; machine busy {busy:.2f} of "

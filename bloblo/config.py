@@ -62,8 +62,8 @@ class Settings:
     spool_max_bytes: int = 10 * 1024 * 1024 * 1024  # per worker
     max_fills: int = 8  # per worker; 0 turns caching off
     fill_deadline_seconds: float = 3600.0
-    # A verified fill's S3 upload waits up to this long while blobs are still downloading on
-    # this host, so that the clients waiting for them keep the cores (issue #7, cold pulls).
+    # A verified fill's S3 upload waits up to this long for the host to be quiet (no download,
+    # no client of a fill, for a second), so that a pull's clients keep the cores (issue #7).
     upload_hold_seconds: float = 10.0
     stream_user_agents: re.Pattern[str] | None = None
     stream_networks: tuple[Network, ...] = ()

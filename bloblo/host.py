@@ -99,9 +99,7 @@ class HostFills:
         state = self.state(digest)
         if state is None or state.get("spool") != spool_name or digest.hex in self._claimed:
             return
-        if self._lock(digest):  # no other worker has started a fill of it since
-            self._remove(self._state_path(digest))
-            self._unlock(digest)
+        self._remove_unless_filled(digest, self._state_path(digest))
 
     def publish(self, digest: Digest, state: dict) -> None:
         """Replace the blob's state file with state (atomically: readers see all or nothing)."""
@@ -183,6 +181,12 @@ class HostFills:
             self._remove(os.path.join(self.directory, spool))
         self._remove(self._state_path(digest))
 
+    def _remove_unless_filled(self, digest: Digest, path: str) -> None:
+        """Remove a file of the blob's fills unless a worker of the host fills it now."""
+        if self._lock(digest):
+            self._remove(path)
+            self._unlock(digest)
+
     @staticmethod
     def _remove(*paths: str) -> None:
         for path in paths:
@@ -205,10 +209,7 @@ class HostFills:
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime >= cutoff:
                         continue
-                digest = Digest("sha256", hex_)
-                if self._lock(digest):  # no worker fills it
-                    self._remove(entry.path)
-                    self._unlock(digest)
+                self._remove_unless_filled(Digest("sha256", hex_), entry.path)
 
 
 def _offset(digest: Digest) -> int:
