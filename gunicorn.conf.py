@@ -28,6 +28,14 @@ try:
 except _config.ConfigError as exc:
     sys.exit(f"bloblo: {exc}")
 
+# The spool directory must be bloblo's alone (issue #13, part 1): refuse to start otherwise.
+_spooldir = _load("spooldir")
+if _settings.max_fills:
+    try:
+        _spooldir.prepare(_settings.spool_directory, create=_settings.spool_dir is None)
+    except _spooldir.UnsafeSpoolDir as exc:
+        sys.exit(f"bloblo: {exc}")
+
 _host = _settings.listen_host or "0.0.0.0"
 bind = [
     f"[{_host}]:{_settings.listen_port}" if ":" in _host else f"{_host}:{_settings.listen_port}"

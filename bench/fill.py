@@ -116,7 +116,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         bucket = s3.create_bucket("bench-fill")
         registry = stack.enter_context(Registry(workdir / "registry"))
         spool_dir = workdir / "spool"
-        spool_dir.mkdir(parents=True)
+        spool_dir.mkdir(parents=True, mode=0o700)
 
         def bloblo(name: str, env: dict[str, str]) -> BlobloServer:
             server = BlobloServer(

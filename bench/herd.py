@@ -93,7 +93,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         bucket = s3.create_bucket("bench-herd")
         registry = stack.enter_context(Registry(workdir / "registry"))
         spool_dir = workdir / "spool"
-        spool_dir.mkdir(parents=True)
+        spool_dir.mkdir(parents=True, mode=0o700)
         bloblo = stack.enter_context(
             BlobloServer(
                 workdir / "bloblo",

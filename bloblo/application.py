@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from . import health, metrics
+from . import health, metrics, spooldir
 from .blobs import BlobPolicy
 from .clients import ClientMiddleware
 from .config import Settings, load_settings
@@ -57,8 +57,10 @@ def _host_fills(settings: Settings) -> HostFills | None:
     each worker fills on its own, and the log says why)."""
     if not settings.max_fills:
         return None
+    # Checked in gunicorn's master already (gunicorn.conf.py); again for other servers.
+    spooldir.prepare(settings.spool_directory, create=settings.spool_dir is None)
     try:
-        return HostFills(settings.spool_dir, settings.s3_bucket, settings.s3_prefix)
+        return HostFills(settings.spool_directory, settings.namespace)
     except OSError as exc:
         logging.getLogger("bloblo").warning(
             "fills are not shared between workers: %s; check BLOBLO_SPOOL_DIR", exc

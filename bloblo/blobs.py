@@ -89,11 +89,14 @@ class BlobPolicy:
         target = raw_target(req)
         if not self._authorized(req, blob, target):
             return self._uncached(req, target, outcome="refused")
-        if self._fills.running(blob.digest) is None and self._store.contains(blob.digest):
+        # A verified fill may be published already (its bookkeeping ends a moment later, and
+        # another worker's followers keep it a second): once S3 holds the blob, redirect.
+        fill = self._fills.running(blob.digest)
+        if (fill is None or fill.verified) and self._store.contains(blob.digest):
             response = self._from_cache(req, blob)
             if response is not None:
                 return response
-        return self._from_upstream(req, blob, target)
+        return self._from_upstream(req, blob, target, fill)
 
     def _authorized(self, req: Request, blob: BlobRef, target: str) -> bool:
         """Whether the upstream answers this client's HEAD of the blob with the blob itself."""
@@ -192,8 +195,11 @@ class BlobPolicy:
         response.call_on_close(obj.body.close)
         return response
 
-    def _from_upstream(self, req: Request, blob: BlobRef, target: str) -> Response:
-        """A miss: join the fill of this blob, start one, or pass the upstream's answer on.
+    def _from_upstream(
+        self, req: Request, blob: BlobRef, target: str, fill: Fill | SharedFill | None
+    ) -> Response:
+        """A miss: join fill (the blob's, if one runs), start one, or pass the upstream's
+        answer on.
 
         A fill asks for the whole blob in plain bytes, following redirects that stay at the
         upstream; an answer that is not a 200 of known length in plain bytes is passed to the
@@ -201,16 +207,23 @@ class BlobPolicy:
         """
         if any(name in req.headers for name in _CONDITIONAL):
             return self._uncached(req, target)
-        fill = self._fills.running(blob.digest)
-        if fill is not None:  # a joiner: its own HEAD authorized it already
-            if fill.wait_started(self._settings.upstream_read_timeout):
-                return self._from_fill(req, fill, target, joiner=True)
-            if self._store.contains(blob.digest):  # it ended, published, before we could join
-                return self._from_cache(req, blob) or self._uncached(req, target)
-            return self._uncached(req, target)
-        fill = self._fills.reserve(blob.digest)
-        if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
-            return self._uncached(req, target)
+        if fill is None:
+            reserved = self._fills.reserve(blob.digest)
+            if reserved is not None:
+                return self._start_fill(req, reserved, target)
+            fill = self._fills.running(blob.digest)  # one began while S3 was asked
+            if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
+                return self._uncached(req, target)
+        # A joiner: its own HEAD authorized it already.
+        if fill.wait_started(self._settings.upstream_read_timeout):
+            return self._from_fill(req, fill, target, joiner=True)
+        if self._store.contains(blob.digest):  # it ended, published, before we could join
+            return self._from_cache(req, blob) or self._uncached(req, target)
+        return self._uncached(req, target)
+
+    def _start_fill(self, req: Request, fill: Fill, target: str) -> Response:
+        """Ask the upstream for the blob and run fill on its answer; an answer that cannot
+        be filled goes to the client as it is."""
         try:
             upstream = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=IDENTITY)
         except BaseException:  # also GreenletExit: joiners must not wait for it

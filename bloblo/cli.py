@@ -22,6 +22,7 @@ import requests  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from . import spooldir  # noqa: E402
 from .config import ConfigError, Settings, load_settings  # noqa: E402
 from .credentials import (  # noqa: E402
     Credentials,
@@ -159,6 +160,10 @@ def warm(
     try:
         credentials = _credentials(settings, username, password_stdin, config_file)
     except CredentialsError as exc:
+        _fail(str(exc))
+    try:
+        spooldir.prepare(settings.spool_directory, create=settings.spool_dir is None)
+    except spooldir.UnsafeSpoolDir as exc:
         _fail(str(exc))
     warmer = Warmer(settings, credentials, jobs)
     problem = warmer.store.probe(timeout=CHECK_TIMEOUT)

@@ -7,9 +7,11 @@ package would import ssl before gevent has patched it).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -58,7 +60,9 @@ class Settings:
     # lifecycle rule expiring objects N days after they were written spares blobs in use.
     cache_refresh_seconds: float = 0.0
     auth_cache_ttl: float = 0.0
-    spool_dir: str | None = None  # None: the temporary directory
+    # None: a directory of bloblo's own in the temporary directory, one per user and namespace
+    # (spool_directory); an operator's must be bloblo's alone (issue #13, part 1).
+    spool_dir: str | None = None
     spool_max_bytes: int = 10 * 1024 * 1024 * 1024  # per worker
     max_fills: int = 8  # per worker; 0 turns caching off
     fill_deadline_seconds: float = 3600.0
@@ -82,6 +86,21 @@ class Settings:
     )
     # What an operator should know about the configuration (retired settings): logged once.
     notices: tuple[str, ...] = ()
+
+    @property
+    def namespace(self) -> str:
+        """12 hex digits naming the bucket and prefix: instances caching elsewhere never share
+        a fill, nor its files."""
+        return hashlib.sha256(f"{self.s3_bucket}/{self.s3_prefix}".encode()).hexdigest()[:12]
+
+    @property
+    def spool_directory(self) -> str:
+        """Where fills spool: BLOBLO_SPOOL_DIR, or by default `bloblo-<uid>-<namespace>` in the
+        temporary directory (made 0700 by the first process that needs it: spooldir.py)."""
+        if self.spool_dir is not None:
+            return self.spool_dir
+        name = f"bloblo-{os.geteuid()}-{self.namespace}"
+        return os.path.join(tempfile.gettempdir(), name)
 
 
 def load_settings() -> Settings:

@@ -21,7 +21,7 @@ from gevent.event import Event
 from . import metrics
 from .config import Settings
 from .errors import AbortResponse
-from .host import HostFills, SharedFill
+from .host import FillState, HostFills, SharedFill
 from .loop import Turns
 from .names import Digest
 from .readers import CHUNK, FillReader
@@ -61,7 +61,7 @@ class Fill:
         self._shared_path = shared_path  # the spool's name for the host's other workers
         self._started = Event()  # running, or cancelled
         self.progress = Event()  # set (and replaced) whenever the fill moves on
-        self.readers = 0
+        self._readers = 0
         self._writing = None  # the threadpool's write of the latest chunk, while it runs
 
     # -- the client that starts it -------------------------------------------------------------
@@ -99,9 +99,25 @@ class Fill:
         """Wait until the fill runs (True) or was cancelled or did not start in time (False)."""
         return self._started.wait(timeout) and self.spool is not None
 
+    # The reading interface (readers.FillView).
+
+    @property
+    def written(self) -> int:
+        """Bytes of the blob in the spool so far."""
+        return self.spool.written if self.spool is not None else 0
+
     def reader(self, start: int, stop: int, hold_tail: bool) -> FillReader:
         """A reader of bytes [start, stop); the spool stays open until it is closed."""
         return FillReader(self, start, stop, hold_tail)
+
+    def attach(self) -> None:
+        """One more reader: the spool stays open for it."""
+        self._readers += 1
+
+    def detach(self) -> None:
+        """A reader is done; the spool is closed once the fill is over and none is left."""
+        self._readers -= 1
+        self.close_if_unused()
 
     def read_spool(self, position: int, count: int) -> bytes:
         """count bytes of the blob from position (written already); a spool that fails to
@@ -240,13 +256,13 @@ class Fill:
         try:
             host.publish(
                 self.digest,
-                {
-                    "spool": os.path.basename(self._shared_path),
-                    "size": self.size,
-                    "headers": self.headers,
-                    "state": state,
-                    "reason": reason,
-                },
+                FillState(
+                    spool=os.path.basename(self._shared_path),
+                    size=self.size,
+                    headers=tuple(self.headers),
+                    state=state,
+                    reason=reason,
+                ),
             )
         except OSError as exc:  # their clients then see the fill stop: a short read
             LOG.warning("cannot share the state of the fill of %s: %s", self.digest, exc)
@@ -257,7 +273,7 @@ class Fill:
 
     def close_if_unused(self) -> None:
         """Close the spool once the fill is over and no reader is left."""
-        if self.done.is_set() and self.readers == 0 and self.spool is not None:
+        if self.done.is_set() and self._readers == 0 and self.spool is not None:
             self.spool.close()
 
 
@@ -285,7 +301,7 @@ class Fills:
     def __init__(self, settings: Settings, store: BlobStore, host: HostFills | None = None):
         self.store = store
         self.host = host  # shares fills with the host's other workers; None: this worker only
-        self.spool_dir = settings.spool_dir
+        self.spool_dir = settings.spool_directory
         self.budget = SpoolBudget(settings.spool_max_bytes)
         self.deadline = settings.fill_deadline_seconds
         self._max = settings.max_fills

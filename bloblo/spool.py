@@ -13,6 +13,7 @@ import os
 import tempfile
 
 from . import metrics
+from .spooldir import create_private
 
 
 class SpoolError(OSError):
@@ -56,7 +57,7 @@ class Spool:
         if path is None:  # unlinked from the start: a killed worker leaves nothing behind
             self._file = tempfile.TemporaryFile(dir=directory, prefix="bloblo-fill-")  # noqa: SIM115
         else:  # named, for the other workers of the host (host.py); a new file, never reused
-            self._file = open(path, "x+b")  # noqa: SIM115
+            self._file = open(create_private(path), "r+b")  # noqa: SIM115
         self._fd = self._file.fileno()
 
     def append(self, data: bytes | memoryview) -> None:

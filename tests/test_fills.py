@@ -328,7 +328,7 @@ def test_a_blob_larger_than_the_spool_budget_streams_uncached(
     big = _push_blob(plain_registry, 24 * MIB, tmp_path)
     small = _push_blob(plain_registry, 1 * MIB, tmp_path)
     spool = tmp_path / "spool"
-    spool.mkdir()
+    spool.mkdir(mode=0o700)
     bloblo = start_bloblo(plain_registry, BLOBLO_SPOOL_MAX_MB="8", BLOBLO_SPOOL_DIR=str(spool))
 
     got = fetch(bloblo.url + _path(big.digest), keep=False)
@@ -428,7 +428,7 @@ def test_healthz_is_answered_while_a_big_cold_blob_streams_to_a_fast_client(
     blob = _push_blob(plain_registry, GIB, tmp_path)
     blob.path.unlink()  # the registry has it; spare the disk
     spool = tmp_path / "spool"
-    spool.mkdir()
+    spool.mkdir(mode=0o700)
     bloblo = start_bloblo(plain_registry, workers=1, BLOBLO_SPOOL_DIR=str(spool))
     streaming, health = threading.Event(), {}
 
@@ -560,7 +560,7 @@ def _a_fill_both_workers_read(registry, start_bloblo, tmp_path, bytes_per_second
     the slow upstream runs."""
     blob = _push_blob(registry, 32 * MIB, tmp_path)
     spool = tmp_path / "spool"
-    spool.mkdir()
+    spool.mkdir(mode=0o700)
     with Throttle(registry.port, bytes_per_second=bytes_per_second) as slow_upstream:
         bloblo = start_bloblo(slow_upstream.url, workers=2, BLOBLO_SPOOL_DIR=str(spool))
         clients = _until_both_workers_read(bloblo, bloblo.url + _path(blob.digest), spool)

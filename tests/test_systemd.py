@@ -291,3 +291,14 @@ def test_the_unit_parser_reads_repeats_resets_and_continuations():
         "# comment in a continuation\n  value\n"
     )
     assert unit == {"Service": {"A": ["1", "2 3"], "B": ["y"], "C": ["long  value"]}}
+
+
+def test_the_units_spool_directory_is_bloblos_alone(service):
+    """bloblo refuses a spool directory with group or other bits (issue #13, part 1): the unit
+    makes /var/cache/bloblo 0700 and every file bloblo creates private."""
+    env = environment(service)
+    assert PurePosixPath(env["BLOBLO_SPOOL_DIR"]) == PurePosixPath("/var/cache") / last(
+        service, "CacheDirectory"
+    )
+    assert int(last(service, "CacheDirectoryMode"), 8) & 0o077 == 0
+    assert int(last(service, "UMask"), 8) & 0o077 == 0o077

@@ -33,6 +33,7 @@ def bloblo_env(
     env = child_env(
         drop_prefixes=["AWS_", "BLOBLO_"],
         HOME=str(home),
+        TMPDIR=str(home),  # bloblo's default spool directory goes there, not in /tmp
         BLOBLO_DOTENV="0",
         BLOBLO_LISTEN_ADDR=f"{LOOPBACK}:{port}",
         BLOBLO_UPSTREAM_URL=upstream_url,
