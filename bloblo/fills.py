@@ -69,8 +69,8 @@ class Fill:
 
     def begin(self, response: requests.Response, size: int, headers) -> bool:
         """Run the fill on response (a 200 of size plain bytes); False (nothing started) when
-        the spool budget has no room, the spool's disk has none (counted in
-        bloblo_fills_skipped_total, and logged once per digest: issue #13 §3), or no spool
+        the blob cannot be spooled: no room in the spool budget or on the spool's disk (counted
+        in bloblo_fills_skipped_total, and logged once per digest: issue #13 §3), or no spool
         file can be made."""
         budget = self._owner.budget
         try:
@@ -82,7 +82,7 @@ class Fill:
             LOG.warning("cannot spool %s: %s; check BLOBLO_SPOOL_DIR", self.digest, exc)
             return False
         if self.spool is None:
-            LOG.info("%s (%d bytes) exceeds the spool budget left: not cached", self.digest, size)
+            _skipped(self.digest, "spool_budget", budget.shortfall(size))
             return False
         self.size, self.headers = size, list(headers)
         self._share("running")

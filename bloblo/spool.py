@@ -20,6 +20,7 @@ from . import metrics
 
 LOG = logging.getLogger(__name__)
 
+MIB = 1024 * 1024
 FALLOC_FL_KEEP_SIZE = 1  # <linux/falloc.h>: allocate blocks, leave the file's size as it is
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # the blob cannot be spooled
 # The filesystem (or the C library) cannot reserve space: spools are written unreserved.
@@ -54,6 +55,17 @@ class SpoolBudget:
         """Give size bytes back."""
         self.used -= size
         metrics.SPOOL_BYTES.dec(size)
+
+    def shortfall(self, size: int) -> str:
+        """Why size bytes do not fit (reserve() said False), naming the setting that makes room."""
+        limit = f"BLOBLO_SPOOL_MAX_MB ({self.max_bytes // MIB} MiB per worker)"
+        if size > self.max_bytes:
+            return f"its {size} bytes are more than {limit}; raise it to cache blobs this large"
+        return (
+            f"its {size} bytes are more than the fills under way leave of {limit} "
+            f"({self.max_bytes - self.used} bytes); raise it to cache blobs this large alongside"
+            " others"
+        )
 
 
 class Spool:

@@ -1,6 +1,7 @@
 """Issue #13 §3, the spool's disk: a fill reserves its spool's disk before it begins, so a disk
 that is too full refuses the blob at once (streamed whole from the upstream, uncached) instead
-of breaking the fill halfway."""
+of breaking the fill halfway; and a blob that does not fit the spool budget is counted and named
+in the log, once per digest and worker, with the setting to raise."""
 
 from __future__ import annotations
 
@@ -66,3 +67,26 @@ def test_a_blob_larger_than_the_free_spool_disk_is_answered_whole_from_the_upstr
     got = fetch(_url(bloblo, small), keep=False)
     assert (got.status, got.complete, got.digest) == (200, True, small.digest)
     assert poll(lambda: bucket_keys(s3, bucket) == [blob_key(small.digest)], timeout=30)
+
+
+def test_a_blob_larger_than_the_spool_budget_is_counted_and_named_once_in_the_log(
+    plain_registry, s3, bucket, start_bloblo, tmp_path
+):
+    blob = _push_blob(plain_registry, 2 * MIB, tmp_path)
+    bloblo = start_bloblo(plain_registry, BLOBLO_SPOOL_MAX_MB="1")
+    before = scrape(bloblo)
+
+    for _ in range(2):
+        got = fetch(_url(bloblo, blob), keep=False)
+        assert (got.status, got.complete, got.digest) == (200, True, blob.digest)
+    after = scrape(bloblo)
+    assert delta(before, after, SKIPPED, reason="spool_budget") == 2
+    assert delta(before, after, "bloblo_blob_requests_total", outcome="upstream") == 2
+    warnings = [
+        line
+        for line in bloblo.log_text().splitlines()
+        if blob.digest in line and "BLOBLO_SPOOL_MAX_MB" in line
+    ]
+    assert len(warnings) == 1, bloblo.log_text()[-3000:]
+    assert "[WARNING]" in warnings[0]
+    assert bucket_keys(s3, bucket) == []
