@@ -72,7 +72,8 @@ class Spool:
     """One blob's bytes on disk, appended in order and read from anywhere already written.
 
     Raises SpoolError on any write or read that does not complete, OSError when the file cannot
-    be created. close() frees the file and the budget; it is safe to call more than once.
+    be created or its disk reserved (then no file is left). close() frees the file and the
+    budget; it is safe to call more than once.
     """
 
     def __init__(
