@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 
 import gevent
 import requests
@@ -25,7 +26,7 @@ from .host import FillState, HostFills, SharedFill
 from .loop import Turns
 from .names import Digest
 from .readers import CHUNK, FillReader
-from .spool import Spool, SpoolBudget, SpoolError, open_spool
+from .spool import Spool, SpoolBudget, SpoolDiskFull, SpoolError, open_spool
 from .storage import BlobStore
 from .uploads import Pipe, UploadAborted, VerifiedReader
 from .upstream import release
@@ -68,16 +69,20 @@ class Fill:
 
     def begin(self, response: requests.Response, size: int, headers) -> bool:
         """Run the fill on response (a 200 of size plain bytes); False (nothing started) when
-        the spool budget has no room or no spool file can be made."""
+        the blob cannot be spooled: no room in the spool budget or on the spool's disk (counted
+        in bloblo_fills_skipped_total, and logged once per digest: issue #13 §3), or no spool
+        file can be made."""
+        budget = self._owner.budget
         try:
-            self.spool = open_spool(
-                self._owner.spool_dir, size, self._owner.budget, self._shared_path
-            )
+            self.spool = open_spool(self._owner.spool_dir, size, budget, self._shared_path)
+        except SpoolDiskFull as exc:
+            _skipped(self.digest, "spool_disk", f"{exc}; free disk there or move BLOBLO_SPOOL_DIR")
+            return False
         except SpoolError as exc:
             LOG.warning("cannot spool %s: %s; check BLOBLO_SPOOL_DIR", self.digest, exc)
             return False
         if self.spool is None:
-            LOG.info("%s (%d bytes) exceeds the spool budget left: not cached", self.digest, size)
+            _skipped(self.digest, "spool_budget", budget.shortfall(size))
             return False
         self.size, self.headers = size, list(headers)
         self._share("running")
@@ -401,3 +406,21 @@ class Fills:
         if self.host is not None:
             self.host.close()
         return self.in_progress()
+
+
+SKIPS_LOGGED = 1024  # digests whose skipped fill a worker remembers having logged
+_skips_logged: OrderedDict[tuple[str, str], None] = OrderedDict()  # (reason, digest), LRU
+
+
+def _skipped(digest: Digest, reason: str, why: str) -> None:
+    """A blob that could not be spooled is streamed uncached: count it by reason, and warn the
+    first time this worker meets the digest for that reason (a pull retries, clients repeat)."""
+    metrics.FILLS_SKIPPED.labels(reason).inc()
+    key = (reason, str(digest))
+    if key in _skips_logged:
+        _skips_logged.move_to_end(key)
+        return
+    _skips_logged[key] = None
+    while len(_skips_logged) > SKIPS_LOGGED:
+        _skips_logged.popitem(last=False)
+    LOG.warning("%s is streamed uncached, not spooled: %s", digest, why)

@@ -57,6 +57,13 @@ FILLS = Counter(
     "Fills that ended, by result: published, digest_mismatch, aborted, failed.",
     ["result"],
 )
+FILLS_SKIPPED = Counter(
+    "bloblo_fills_skipped_total",
+    "Blob misses streamed uncached because the blob could not be spooled, by reason: "
+    "spool_budget (more than BLOBLO_SPOOL_MAX_MB leaves), spool_disk (no room on the disk of "
+    "BLOBLO_SPOOL_DIR).",
+    ["reason"],
+)
 FILLS_IN_PROGRESS = Gauge(
     "bloblo_fills_in_progress", "Fills running now.", multiprocess_mode="livesum"
 )

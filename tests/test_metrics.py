@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.stack.cache import bucket_keys
 from tests.stack.images import push_big_blob, unique_tag
 from tests.stack.procs import LOOPBACK, local_session, poll
 from tests.stack.regclient import RegistryClient
+from tests.stack.scrape import delta, scrape
 
 MIB = 1024 * 1024
-
-
-def _scrape(bloblo) -> dict[tuple[str, tuple], float]:
-    with local_session() as session:
-        answer = session.get(f"{bloblo.url}/metrics", timeout=30)
-    assert answer.status_code == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(answer.text)
-        for sample in family.samples
-    }
-
-
-def _delta(before, after, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def test_a_cold_and_a_warm_pull_move_the_counters_exactly(
@@ -39,27 +22,25 @@ def test_a_cold_and_a_warm_pull_move_the_counters_exactly(
         RegistryClient(plain_registry.url), "team/app", unique_tag(), size, tmp_path
     )
     bloblo = start_bloblo(plain_registry, workers=2)
-    before = _scrape(bloblo)
+    before = scrape(bloblo)
     url = f"{bloblo.url}/v2/team/app/blobs/{blob.digest}"
     with local_session() as session:
         cold = session.get(url, timeout=60)
         assert (cold.status_code, len(cold.content)) == (200, size)
         assert poll(lambda: bucket_keys(s3, bucket))
-        assert poll(
-            lambda: _delta(before, _scrape(bloblo), "bloblo_fills_total", result="published")
-        )
+        assert poll(lambda: delta(before, scrape(bloblo), "bloblo_fills_total", result="published"))
         warm = session.get(url, allow_redirects=False, timeout=60)
         assert warm.status_code == 307
-    after = _scrape(bloblo)
-    assert _delta(before, after, "bloblo_blob_requests_total", outcome="fill") == 1
-    assert _delta(before, after, "bloblo_blob_requests_total", outcome="redirect") == 1
-    assert _delta(before, after, "bloblo_blob_bytes_total", source="spool") == size
-    assert _delta(before, after, "bloblo_blob_bytes_total", source="s3") == size
-    assert _delta(before, after, "bloblo_blob_bytes_total", source="upstream") == 0
-    assert _delta(before, after, "bloblo_upstream_bytes_total") == size
-    assert _delta(before, after, "bloblo_fills_total", result="published") == 1
-    assert _delta(before, after, "bloblo_http_requests_total", method="GET", code="307") == 1
-    assert _delta(before, after, "bloblo_http_requests_total", method="GET", code="200") >= 1
+    after = scrape(bloblo)
+    assert delta(before, after, "bloblo_blob_requests_total", outcome="fill") == 1
+    assert delta(before, after, "bloblo_blob_requests_total", outcome="redirect") == 1
+    assert delta(before, after, "bloblo_blob_bytes_total", source="spool") == size
+    assert delta(before, after, "bloblo_blob_bytes_total", source="s3") == size
+    assert delta(before, after, "bloblo_blob_bytes_total", source="upstream") == 0
+    assert delta(before, after, "bloblo_upstream_bytes_total") == size
+    assert delta(before, after, "bloblo_fills_total", result="published") == 1
+    assert delta(before, after, "bloblo_http_requests_total", method="GET", code="307") == 1
+    assert delta(before, after, "bloblo_http_requests_total", method="GET", code="200") >= 1
     assert after[("bloblo_fills_in_progress", ())] == 0
     assert after[("bloblo_spool_bytes", ())] == 0
     assert after[("bloblo_s3_available", ())] == 1
