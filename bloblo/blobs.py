@@ -6,8 +6,10 @@ client the registry answers with this very blob is ever sent to the cache (issue
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Iterator
 
 import requests
 from flask import Request, Response
@@ -16,12 +18,14 @@ from werkzeug.http import parse_range_header
 from . import metrics
 from .clients import in_networks
 from .config import Settings
+from .errors import AbortResponse, RegistryError
 from .fills import Fill, Fills
 from .grants import Grants
 from .host import SharedFill
 from .logs import OUTCOME
-from .names import BlobRef
+from .names import BlobRef, Digest
 from .proxy import CHUNK, Forwarder, client_of, raw_target
+from .readers import FillReader
 from .storage import BlobStore
 from .upstream import (
     IDENTITY,
@@ -258,11 +262,41 @@ class BlobPolicy:
             (start, stop), status = span, 206
             headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{fill.size}"))
         headers.append(("Content-Length", str(stop - start)))
-        reader = self._fills.serving(fill.reader(start, stop, hold_tail=status == 200))
+        resume = functools.partial(self._rest_from_upstream, req, target, fill.digest)
+        reader = self._fills.serving(FillReader(fill, start, stop, status == 200, resume))
         client_socket = req.environ.get("gunicorn.socket")
         if client_socket is not None:
             client_socket.settimeout(CLIENT_STALL_SECONDS)
         return self._forwarder.answer(req, status, headers, reader)
+
+    def _rest_from_upstream(
+        self, req: Request, target: str, digest: Digest, start: int, stop: int
+    ) -> Iterator[bytes]:
+        """Bytes [start, stop) of the blob from the upstream, asked with this client's
+        credentials in a Range request, for a client whose fill broke under it (issue #13,
+        part 3). Raises AbortResponse unless the upstream answers with exactly those bytes."""
+        wanted = [*IDENTITY, ("Range", f"bytes={start}-{stop - 1}")]
+        try:
+            answer = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=wanted)
+        except RegistryError as exc:
+            raise AbortResponse(f"the rest of {digest} from the upstream: {exc}") from None
+        try:
+            content_range = answer.headers.get("Content-Range", "")
+            encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
+            if (
+                answer.status_code != 206
+                or encoding != "identity"
+                or not content_range.startswith(f"bytes {start}-{stop - 1}/")
+            ):
+                raise AbortResponse(
+                    f"the upstream answered {answer.status_code} {content_range!r} to the rest "
+                    f"of {digest} (bytes {start}-{stop - 1})"
+                )
+            for chunk in answer.raw.stream(CHUNK, decode_content=False):
+                _passed_through(len(chunk))
+                yield chunk
+        finally:
+            release(answer)
 
     def _uncached(self, req: Request, target: str, outcome: str = "upstream") -> Response:
         """The upstream's own answer to the client's GET, passed through (clients verify it)."""

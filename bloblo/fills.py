@@ -107,13 +107,14 @@ class Fill:
     # The reading interface (readers.FillView).
 
     @property
+    def refuted(self) -> bool:
+        """Whether the fill failed because the upstream's bytes do not hash to the digest."""
+        return self.result == "digest_mismatch"
+
+    @property
     def written(self) -> int:
         """Bytes of the blob in the spool so far."""
         return self.spool.written if self.spool is not None else 0
-
-    def reader(self, start: int, stop: int, hold_tail: bool) -> FillReader:
-        """A reader of bytes [start, stop); the spool stays open until it is closed."""
-        return FillReader(self, start, stop, hold_tail)
 
     def attach(self) -> None:
         """One more reader: the spool stays open for it."""
@@ -205,7 +206,7 @@ class Fill:
         """The fill failed: no client joins it any more, its readers get a short read."""
         self.broken = reason
         self._owner.forget(self)
-        self._share("broken", reason)
+        self._share("refuted" if self.refuted else "broken", reason)
         LOG.warning("fill of %s broke off: %s", self.digest, reason)
         self._notify()
 

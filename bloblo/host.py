@@ -38,7 +38,6 @@ from gevent.event import Event
 
 from .errors import AbortResponse
 from .names import Digest
-from .readers import FillReader
 from .spooldir import NotOurs, create_private, open_private
 
 LOG = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ PRUNE_SECONDS = 60.0  # files of fills over for this long are removed, this ofte
 STATE_GRACE_SECONDS = 2.0  # a fill's state outlives it this long: its followers look every 5 ms
 BUSY_BYTE = 1 << 60  # past every digest's byte (_offset takes 60 bits)
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
-_STATES = frozenset({"running", "verified", "broken"})
+_STATES = frozenset({"running", "verified", "broken", "refuted"})
 _FIELDS = frozenset({"version", "spool", "size", "headers", "state", "reason"})
 _LEGACY_TEMPORARY = ".bloblo-state-"  # bloblo before issue #13 wrote states through these
 
@@ -72,7 +71,7 @@ class FillState:
     spool: str  # the spool's file name in the spool directory
     size: int  # the blob's size in bytes
     headers: tuple[tuple[str, str], ...]  # the upstream's answer, for every client
-    state: str  # running, verified or broken
+    state: str  # running, verified, broken, or refuted (the upstream's bytes were wrong)
     reason: str | None = None  # why it broke
 
     def encode(self) -> bytes:
@@ -375,6 +374,7 @@ class SharedFill:
         self.headers: list[tuple[str, str]] = []
         self.verified = False
         self.broken: str | None = None
+        self.refuted = False
         self.progress = Event()
         self._fd: int | None = None
         self._spool_name: str | None = None
@@ -438,10 +438,6 @@ class SharedFill:
 
     # -- the reading interface (readers.py) -----------------------------------------------------
 
-    def reader(self, start: int, stop: int, hold_tail: bool) -> FillReader:
-        """A reader of bytes [start, stop); the spool stays open until it is closed."""
-        return FillReader(self, start, stop, hold_tail)
-
     def attach(self) -> None:
         """One more reader: the spool stays open for it."""
         self._readers += 1
@@ -486,8 +482,9 @@ class SharedFill:
             self.broken = "the fill was replaced"  # a newer fill of the blob took its place
         elif state.state == "verified":
             self.verified = True
-        elif state.state == "broken":
+        elif state.state in ("broken", "refuted"):
             self.broken = state.reason or "the fill broke"
+            self.refuted = state.state == "refuted"
         elif not held:  # no longer filled, and never verified: its worker stopped
             self.broken = "the worker filling it stopped"
 

@@ -1,11 +1,15 @@
 """Reading a fill while it runs: the response body of every client a fill serves (issue #7).
 
 A fill in this worker (fills.Fill) and one in another worker of the host (host.SharedFill) offer
-the same interface, FillView: the readers cannot tell them apart.
+the same interface, FillView: the readers cannot tell them apart. When the fill ends broken
+under a reader (a failed spool write, a killed filling worker, an upstream cut off, nothing
+moving for STALL_SECONDS), the reader continues from the upstream with a Range request for what
+its client still lacks (issue #13, part 3); only a fill whose bytes were wrong is not resumed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -16,11 +20,17 @@ from .errors import AbortResponse
 from .loop import Turns
 from .names import Digest
 
+LOG = logging.getLogger(__name__)
+
 CHUNK = 1024 * 1024
 TAIL = 64 * 1024  # a whole-blob response holds back this much until the blob is verified
-# A reader that sees neither a new byte nor the fill's end for this long ends its response
-# short: no wait on another greenlet or worker is unbounded (issue #13, part 2).
+# A reader that sees neither a new byte nor the fill's end for this long stops waiting for it:
+# no wait on another greenlet or worker is unbounded (issue #13, part 2).
 STALL_SECONDS = 60.0
+
+# resume(start, stop): bytes [start, stop) of the blob from the upstream, for this client;
+# raises AbortResponse when the upstream does not answer with exactly them.
+Resume = Callable[[int, int], Iterator[bytes]]
 
 
 class FillView(Protocol):
@@ -31,6 +41,7 @@ class FillView(Protocol):
     written: int  # bytes of the blob in the spool so far
     verified: bool  # every byte is there and hashes to the digest
     broken: str | None  # why the fill failed, or None
+    refuted: bool  # it failed because the upstream's bytes do not hash to the digest
     progress: Event  # set (and replaced) whenever written, verified or broken move
 
     def attach(self) -> None:
@@ -43,50 +54,111 @@ class FillView(Protocol):
         """count bytes from position (written already); raises AbortResponse if it cannot."""
 
 
+class _FillEnded(Exception):
+    """The fill will not bring the reader's next byte."""
+
+
 class FillReader:
     """Bytes [start, stop) of a fill's blob, as the fill writes them: a WSGI response body.
 
     With hold_tail the blob's last TAIL bytes (those of them in the range) wait until the blob
-    is verified. Iterating raises AbortResponse (the client sees a short read) when the
-    download breaks before the bytes arrive, or nothing moves for STALL_SECONDS. close() (the
-    WSGI server calls it, also when the body never started) lets the fill free its spool.
+    is verified: by the fill, or, when the rest came from the upstream through resume, by this
+    reader hashing the whole blob (the spool's bytes it had, then the upstream's). Iterating
+    raises AbortResponse (the client sees a short read) when neither the fill nor resume
+    brings the bytes, or they are wrong. close() (the WSGI server calls it, also when the body
+    never started) lets the fill free its spool.
     """
 
-    def __init__(self, fill: FillView, start: int, stop: int, hold_tail: bool):
+    def __init__(
+        self,
+        fill: FillView,
+        start: int,
+        stop: int,
+        hold_tail: bool,
+        resume: Resume | None = None,
+    ):
         self._fill = fill
         self._start, self._stop, self._hold_tail = start, stop, hold_tail
+        self._resume = resume
+        self._position = start
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
         fill.attach()
 
     def __iter__(self) -> Iterator[bytes]:
-        fill, turns, position = self._fill, Turns(), self._start
-        while position < self._stop:
+        fill = self._fill
+        try:
+            yield from self._from_fill()
+        except _FillEnded as ended:
+            if self._resume is None or fill.refuted:
+                raise AbortResponse(f"the fill of {fill.digest} broke: {ended}") from None
+            LOG.warning(
+                "the fill of %s broke (%s): its client continues from the upstream at byte %d",
+                fill.digest,
+                ended,
+                self._position,
+            )
+            yield from self._from_upstream()
+
+    def _from_fill(self) -> Iterator[bytes]:
+        fill, turns = self._fill, Turns()
+        while self._position < self._stop:
             progress = fill.progress
             ready = fill.written
             if self._hold_tail and not fill.verified:
                 ready = min(ready, fill.size - TAIL)
-            if position < ready:
-                count = min(CHUNK, ready - position, self._stop - position)
-                yield fill.read_spool(position, count)
+            if self._position < ready:
+                count = min(CHUNK, ready - self._position, self._stop - self._position)
+                yield fill.read_spool(self._position, count)
                 metrics.BLOB_BYTES.labels("spool").inc(count)
-                position += count
+                self._position += count
                 turns.give()
             elif fill.broken:
-                raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
+                raise _FillEnded(fill.broken)
             else:
                 self._wait(progress)
         while self._hold_tail and not (fill.verified or fill.broken):  # the tail, or no bytes
             self._wait(fill.progress)
         if self._hold_tail and not fill.verified:
-            raise AbortResponse(f"the fill of {fill.digest} broke: {fill.broken}")
+            raise _FillEnded(fill.broken)
 
     def _wait(self, progress: Event) -> None:
         if not progress.wait(STALL_SECONDS):
-            raise AbortResponse(
-                f"the fill of {self._fill.digest} has not moved for {STALL_SECONDS:g} s: "
-                f"{self._fill.written} of {self._fill.size} bytes"
+            raise _FillEnded(
+                f"it has not moved for {STALL_SECONDS:g} s at {self._fill.written} of "
+                f"{self._fill.size} bytes"
             )
+
+    def _from_upstream(self) -> Iterator[bytes]:
+        """The rest of the range from the upstream; with hold_tail the whole blob is hashed
+        (the spool's bytes first) and the last TAIL bytes go only if it is the blob."""
+        fill, turns = self._fill, Turns()
+        hasher = fill.digest.hasher() if self._hold_tail else None
+        if hasher is not None:  # what the spool holds, before the upstream's rest
+            for offset in range(0, self._position, CHUNK):
+                hasher.update(fill.read_spool(offset, min(CHUNK, self._position - offset)))
+                turns.give()
+        held = bytearray()
+        received = 0
+        for chunk in self._resume(self._position, self._stop):
+            received += len(chunk)
+            if received > self._stop - self._position:
+                raise AbortResponse(f"the upstream sent more of {fill.digest} than asked")
+            if hasher is None:
+                yield chunk
+                continue
+            hasher.update(chunk)
+            held += chunk
+            if len(held) > TAIL:
+                out = bytes(held[:-TAIL])
+                del held[:-TAIL]
+                yield out
+        if received != self._stop - self._position:
+            raise AbortResponse(f"the upstream sent {received} of the rest of {fill.digest}")
+        if hasher is not None and hasher.hexdigest() != fill.digest.hex:
+            raise AbortResponse(f"the upstream's rest of {fill.digest} makes a wrong blob")
+        if held:
+            yield bytes(held)
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call callback once, when the reader is closed."""

@@ -12,6 +12,7 @@ from bloblo.config import Settings
 from bloblo.errors import AbortResponse
 from bloblo.fills import Fills
 from bloblo.names import Digest
+from bloblo.readers import FillReader
 from bloblo.spool import Spool, SpoolError
 from bloblo.uploads import Pipe
 
@@ -92,8 +93,10 @@ def _read(reader) -> bytes:
 def test_every_reader_gets_the_blob_and_it_is_published_once(tmp_path):
     store = RecordingStore()
     fills, fill = _fill(tmp_path, store, _chunks())
-    readers = [gevent.spawn(_read, fill.reader(0, len(DATA), hold_tail=True)) for _ in range(3)]
-    ranged = gevent.spawn(_read, fill.reader(5 * MIB, 7 * MIB, hold_tail=False))
+    readers = [
+        gevent.spawn(_read, FillReader(fill, 0, len(DATA), hold_tail=True)) for _ in range(3)
+    ]
+    ranged = gevent.spawn(_read, FillReader(fill, 5 * MIB, 7 * MIB, hold_tail=False))
     gevent.joinall([*readers, ranged], raise_error=True)
     assert [r.value for r in readers] == [DATA] * 3
     assert ranged.value == DATA[5 * MIB : 7 * MIB]
@@ -108,7 +111,7 @@ def test_a_wrong_blob_reaches_readers_short_and_is_not_published(tmp_path):
     _, fill = _fill(tmp_path, store, _chunks(wrong))
     got = bytearray()
     with pytest.raises(AbortResponse):
-        for chunk in fill.reader(0, len(DATA), hold_tail=True):
+        for chunk in FillReader(fill, 0, len(DATA), hold_tail=True):
             got += chunk
     assert len(got) < len(DATA)  # the tail was held back
     fill.done.wait(10)
@@ -119,7 +122,7 @@ def test_an_upstream_that_breaks_off_publishes_nothing(tmp_path):
     store = RecordingStore()
     _, fill = _fill(tmp_path, store, _chunks()[:5])
     with pytest.raises(AbortResponse):
-        _read(fill.reader(0, len(DATA), hold_tail=True))
+        _read(FillReader(fill, 0, len(DATA), hold_tail=True))
     fill.done.wait(10)
     assert store.published == {} and "bytes of" in fill.broken
 
@@ -144,7 +147,7 @@ def test_a_spool_that_fails_publishes_nothing_and_hangs_nobody(fault, tmp_path, 
         monkeypatch.setattr(Pipe, "splice", failing_splice)
     store = RecordingStore()
     _, fill = _fill(tmp_path, store, _chunks())
-    reader = gevent.spawn(_read, fill.reader(0, len(DATA), hold_tail=True))
+    reader = gevent.spawn(_read, FillReader(fill, 0, len(DATA), hold_tail=True))
     reader.join(10)
     assert reader.ready()  # nobody hangs
     fill.done.wait(10)
@@ -172,11 +175,11 @@ def test_an_upload_waits_while_the_worker_serves_a_client_of_a_fill(tmp_path):
     other_data = DATA[: 3 * MIB]
     other = fills.reserve(_digest(other_data))
     assert other.begin(FakeResponse(_chunks(other_data)), len(other_data), [])
-    client = fills.serving(other.reader(0, MIB, hold_tail=False))  # reads, then stays open
+    client = fills.serving(FillReader(other, 0, MIB, hold_tail=False))  # reads, then stays open
     assert len(b"".join(client)) == MIB
     fill = fills.reserve(_digest(DATA))
     assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
-    assert _read(fill.reader(0, len(DATA), hold_tail=True)) == DATA
+    assert _read(FillReader(fill, 0, len(DATA), hold_tail=True)) == DATA
     gevent.sleep(0.5)
     assert store.published == {}  # both verified, both held for the open client
     client.close()
@@ -190,7 +193,7 @@ def test_a_held_upload_goes_after_upload_hold_seconds_whatever_the_clients_do(tm
     fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=0.5), store)
     fill = fills.reserve(_digest(DATA))
     assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
-    stalled = fills.serving(fill.reader(0, len(DATA), hold_tail=True))
+    stalled = fills.serving(FillReader(fill, 0, len(DATA), hold_tail=True))
     next(iter(stalled))  # one chunk, then the client reads nothing more
     started = time.monotonic()
     assert fill.done.wait(10)
@@ -203,8 +206,8 @@ def test_serving_counts_a_client_once_however_often_its_reader_is_closed(tmp_pat
     fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=0.5), RecordingStore())
     fill = fills.reserve(_digest(DATA))
     assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
-    first = fills.serving(fill.reader(0, MIB, hold_tail=False))
-    second = fills.serving(fill.reader(0, MIB, hold_tail=False))
+    first = fills.serving(FillReader(fill, 0, MIB, hold_tail=False))
+    second = fills.serving(FillReader(fill, 0, MIB, hold_tail=False))
     first.close()
     first.close()  # WSGI servers may close twice
     started = time.monotonic()

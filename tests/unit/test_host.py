@@ -20,6 +20,7 @@ from bloblo.config import Settings
 from bloblo.errors import AbortResponse
 from bloblo.host import FillState, HostFills, SharedFill
 from bloblo.names import Digest
+from bloblo.readers import FillReader
 
 DATA = os.urandom(300_000)
 DIGEST = Digest("sha256", hashlib.sha256(DATA).hexdigest())
@@ -76,7 +77,7 @@ def filler(tmp_path):
 
 
 def _read(fill: SharedFill, hold_tail=True) -> bytes:
-    reader = fill.reader(0, fill.size, hold_tail=hold_tail)
+    reader = FillReader(fill, 0, fill.size, hold_tail)
     try:
         return b"".join(reader)
     finally:
