@@ -1,5 +1,6 @@
 """Issue #13: HTTP at the edges. Ranges that reach past or up to the blob's end, conditional and
-unsatisfiable requests of clients served from S3."""
+unsatisfiable requests of clients served from S3, and an upstream that closes idle keep-alive
+connections as requests arrive."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import requests
 from tests.stack.cache import put_in_cache
 from tests.stack.downloads import fetch
 from tests.stack.fake_upstream import FakeUpstream, Reply, blob_headers
-from tests.stack.procs import local_session, poll
+from tests.stack.idle_relay import IdleClosingRelay
+from tests.stack.procs import LOOPBACK, local_session, poll
 from tests.stack.regclient import RegistryClient
 from tests.stack.registry_log import requests_served
 from tests.test_metrics import _scrape
@@ -159,3 +161,64 @@ def test_a_conditional_request_of_an_s3_streamed_blob_gets_the_registrys_answer(
             assert proxied.headers.get("ETag") == direct.headers.get("ETag"), condition
             statuses.append(direct.status_code)
     assert statuses == [304, 200, 206]
+
+
+# --- item 7: an upstream that closes idle connections ------------------------------------------
+
+
+def test_requests_meeting_a_connection_the_upstream_closed_when_idle_are_retried_once(
+    plain_registry, start_bloblo, tmp_path
+):
+    data = os.urandom(200_000)
+    digest = _push_raw_blob(plain_registry, data, tmp_path)
+    path = f"/v2/team/app/blobs/{digest}"
+    with IdleClosingRelay(LOOPBACK, plain_registry.port, idle_seconds=1.0) as relay:
+        bloblo = start_bloblo(relay.url)
+        with local_session() as session:
+            answers = []
+            for method, target in [("GET", "/v2/"), ("GET", "/v2/"), ("GET", path), ("HEAD", path)]:
+                answers.append(session.request(method, bloblo.url + target, timeout=30))
+                time.sleep(1.5)  # longer than the upstream keeps an idle connection
+        assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
+        assert answers[1].headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+        assert answers[2].content == data
+        assert answers[3].headers["Docker-Content-Digest"] == digest
+        assert relay.dropped >= 3  # the GET, the blob GET's HEAD, the HEAD met a closed one
+
+
+def test_only_idempotent_requests_without_a_body_are_sent_again(start_bloblo):
+    def answer(seen):
+        again = [s for s in upstream.seen if (s.method, s.target) == (seen.method, seen.target)]
+        if seen.target == "/first":
+            return Reply(200, body=b"ok")
+        return Reply(hang_up=True) if len(again) == 1 else Reply(200, body=b"second try")
+
+    with FakeUpstream(answer) as upstream:
+        bloblo = start_bloblo(upstream.url)
+        with local_session() as session:
+            for method, body, status in [("GET", None, 200), ("PUT", b"layer", 502)]:
+                assert session.get(bloblo.url + "/first", timeout=30).status_code == 200
+                answer_ = session.request(method, bloblo.url + "/dropped", data=body, timeout=30)
+                assert answer_.status_code == status, method
+        sent = [(s.method, s.body) for s in upstream.seen if s.target == "/dropped"]
+    assert sent == [("GET", b""), ("GET", b""), ("PUT", b"layer")]
+
+
+def test_a_read_timeout_is_not_retried(start_bloblo):
+    def answer(seen):
+        if seen.target == "/slow":
+            time.sleep(2)
+        return Reply(200, body=b"ok")
+
+    with FakeUpstream(answer) as upstream:
+        bloblo = start_bloblo(upstream.url, BLOBLO_UPSTREAM_READ_TIMEOUT="1")
+        with local_session() as session:
+            assert session.get(bloblo.url + "/fast", timeout=30).status_code == 200
+            started = time.monotonic()
+            slow = session.get(bloblo.url + "/slow", timeout=30)
+            waited = time.monotonic() - started
+        assert slow.status_code == 504
+        assert waited < 1.9  # one read timeout, not two
+        assert poll(lambda: len(upstream.seen) >= 2)
+        time.sleep(0.5)
+        assert [s.target for s in upstream.seen] == ["/fast", "/slow"]
