@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import requests
 from flask import Request, Response
-from werkzeug.http import parse_range_header
 
 from . import metrics
 from .clients import in_networks
@@ -25,8 +24,9 @@ from .host import SharedFill
 from .logs import OUTCOME
 from .names import BlobRef, Digest
 from .proxy import CHUNK, Forwarder, client_of, raw_target
+from .ranges import single_range
 from .readers import FillReader
-from .storage import BlobStore
+from .storage import BlobStore, RangeNotSatisfiable
 from .upstream import (
     IDENTITY,
     MAX_SAME_ORIGIN_HOPS,
@@ -160,7 +160,6 @@ class BlobPolicy:
         """A redirect to S3, or S3's bytes for clients that cannot follow one; None if S3 fails."""
         self._store.refresh_if_old(blob.digest)
         if self._streams_for(req):
-            _outcome(req, "s3_stream")
             return self._stream_from_s3(req, blob)
         try:
             url = self._store.presigned_url(blob.digest)
@@ -183,9 +182,29 @@ class BlobPolicy:
         return bool(networks) and in_networks(client_of(req).address, networks)
 
     def _stream_from_s3(self, req: Request, blob: BlobRef) -> Response | None:
-        obj = self._store.open(blob.digest, req.headers.get("Range"))
+        """S3's bytes of the blob, or of the one range asked for; None if S3 fails.
+
+        What S3 would answer otherwise than the upstream goes to the upstream, uncached: a
+        conditional request (S3's ETag is not the registry's) and a Range that is not one
+        satisfiable range (the registry's 416, or its answer to several ranges); never a new
+        fill of a blob the bucket holds (issue #13, item 4).
+        """
+        if any(name in req.headers for name in _CONDITIONAL):
+            return self._uncached(req, raw_target(req))
+        byte_range = req.headers.get("Range")
+        size = self._store.size(blob.digest)
+        if byte_range is not None and size is not None:
+            span = single_range(byte_range, size)
+            if span is None:
+                return self._uncached(req, raw_target(req))
+            byte_range = f"bytes={span[0]}-{span[1] - 1}"  # S3 is asked exactly that range
+        try:
+            obj = self._store.open(blob.digest, byte_range)
+        except RangeNotSatisfiable:
+            return self._uncached(req, raw_target(req))
         if obj is None:
             return None
+        _outcome(req, "s3_stream")
         headers = {
             "Content-Length": str(obj.length),
             "Content-Type": "application/octet-stream",
@@ -256,18 +275,19 @@ class BlobPolicy:
         ]
         start, stop, status = 0, fill.size, 200
         if "Range" in req.headers:
-            span = _single_range(req.headers["Range"], fill.size)
+            span = single_range(req.headers["Range"], fill.size)
             if span is None:  # several ranges, or none satisfiable: the upstream answers
                 return self._uncached(req, target)
             (start, stop), status = span, 206
             headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{fill.size}"))
         headers.append(("Content-Length", str(stop - start)))
+        # Any response that reaches the blob's end holds its tail until the blob is verified,
+        # `bytes=N-` as much as the whole blob: a wrong blob is never a clean 206 (issue #13).
         resume = functools.partial(self._rest_from_upstream, req, target, fill.digest)
-        reader = self._fills.serving(FillReader(fill, start, stop, status == 200, resume))
-        client_socket = req.environ.get("gunicorn.socket")
-        if client_socket is not None:
-            client_socket.settimeout(CLIENT_STALL_SECONDS)
-        return self._forwarder.answer(req, status, headers, reader)
+        reader = FillReader(fill, start, stop, stop == fill.size, resume)
+        response = self._forwarder.answer(req, status, headers, self._fills.serving(reader))
+        _cut_off_stalls(req, response)
+        return response
 
     def _rest_from_upstream(
         self, req: Request, target: str, digest: Digest, start: int, stop: int
@@ -317,9 +337,13 @@ def _passed_through(count: int) -> None:
     metrics.UPSTREAM_BYTES.inc(count)
 
 
-def _single_range(value: str, size: int) -> tuple[int, int] | None:
-    """(start, stop) of a Range header naming one satisfiable byte range of size bytes."""
-    parsed = parse_range_header(value)
-    if parsed is None or len(parsed.ranges) != 1:
-        return None
-    return parsed.range_for_length(size)
+def _cut_off_stalls(req: Request, response: Response) -> None:
+    """Make the client's socket time out after CLIENT_STALL_SECONDS without progress while
+    response is sent; its own timeout comes back when response closes, so that the next
+    request on the keep-alive connection is not cut off by a fill's limit (issue #13)."""
+    client_socket = req.environ.get("gunicorn.socket")
+    if client_socket is None:
+        return
+    previous = client_socket.gettimeout()
+    client_socket.settimeout(CLIENT_STALL_SECONDS)
+    response.call_on_close(lambda: client_socket.settimeout(previous))

@@ -2,13 +2,17 @@
 
 An authorization is remembered for exactly the request that earned it: every header that reaches
 the upstream except those that carry no identity, the client address, and the request target
-(issue #6, part 1). A request that carries no credentials at all is never remembered.
+(issue #6, part 1). A request that carries no credentials at all is never remembered. At most
+MAX_REMEMBERED authorizations are kept per worker: beyond it the least recently used is forgotten
+(issue #13, item 1).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+
+from cachetools import TTLCache
 
 from .clients import Client
 
@@ -34,7 +38,9 @@ NO_IDENTITY = frozenset(
 _NO_IDENTITY_PREFIXES = ("accept", "x-b3-", "x-datadog-")
 # A request carries credentials when it has one of these; only such a request is remembered.
 CREDENTIALS = frozenset({"authorization", "cookie"})
-MAX_REMEMBERED = 10_000  # beyond it, expired entries are swept out
+# Authorizations one worker remembers (a 32-byte key each: a few MiB at most); beyond it the
+# least recently used is forgotten, and its client's next GET asks the upstream again.
+MAX_REMEMBERED = 10_000
 
 
 def _carries_no_identity(name: str) -> bool:
@@ -42,13 +48,17 @@ def _carries_no_identity(name: str) -> bool:
 
 
 class Grants:
-    """Authorizations remembered for ttl seconds (0: never); keys are SHA-256 hashes, so no
-    credential is kept in memory in the clear."""
+    """Authorizations remembered for ttl seconds (0: never) as read on clock, at most maxsize of
+    them, the least recently used forgotten first; keys are SHA-256 hashes, so no credential is
+    kept in memory in the clear."""
 
-    def __init__(self, ttl: float, clock: Callable[[], float]):
+    def __init__(self, ttl: float, clock: Callable[[], float], maxsize: int = MAX_REMEMBERED):
         self._ttl = ttl
-        self._clock = clock
-        self._until: dict[bytes, float] = {}
+        self._granted: TTLCache[bytes, bool] = TTLCache(maxsize=maxsize, ttl=ttl, timer=clock)
+
+    def __len__(self) -> int:
+        """How many fresh authorizations are remembered (never more than maxsize)."""
+        return len(self._granted)
 
     def key(
         self, upstream_headers: Iterable[tuple[str, str]], client: Client, target: str
@@ -68,14 +78,12 @@ class Grants:
         return hashlib.sha256("\0".join(material).encode("utf-8", "surrogateescape")).digest()
 
     def allows(self, key: bytes | None) -> bool:
-        """Whether an authorization for key is remembered and still fresh."""
-        return key is not None and self._until.get(key, 0.0) > self._clock()
+        """Whether an authorization for key is remembered and still fresh (a use: it is then
+        the most recently used)."""
+        return key is not None and self._granted.get(key, False)
 
     def grant(self, key: bytes | None) -> None:
-        """Remember an authorization for key (nothing when key is None)."""
-        if key is None:
-            return
-        now = self._clock()
-        if len(self._until) > MAX_REMEMBERED:
-            self._until = {k: t for k, t in self._until.items() if t > now}
-        self._until[key] = now + self._ttl
+        """Remember an authorization for key for ttl seconds from now, again if it was already
+        (nothing when key is None)."""
+        if key is not None:
+            self._granted[key] = True

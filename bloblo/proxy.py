@@ -103,9 +103,14 @@ def client_of(req: Request) -> Client:
 
 
 def raw_target(req: Request) -> str:
-    """The request target exactly as the client sent it (upload _state tokens are signed)."""
+    """The request target exactly as the client sent it (upload _state tokens are signed).
+
+    Also when it is no path: an absolute-form target (`http://host/v2/...`) is returned as sent,
+    for targets.check_target to refuse, never rebuilt from the path the server decoded (where a
+    %2F would be a slash and a %3F a query; issue #13, item 5).
+    """
     raw = req.environ.get("RAW_URI") or req.environ.get("REQUEST_URI")
-    if raw and raw.startswith("/"):
+    if raw:
         return raw
     query = req.query_string.decode("latin-1")
     return req.full_path if query else req.path  # development server: rebuilt, not raw

@@ -56,6 +56,10 @@ class _Known:
     written: float  # epoch seconds when the object was last written (S3's LastModified)
 
 
+class RangeNotSatisfiable(Exception):
+    """S3 holds the blob, but not the byte range asked for (its 416)."""
+
+
 @dataclass
 class S3Object:
     """An open S3 object body with what the client needs to know about it."""
@@ -299,7 +303,10 @@ class BlobStore:
             self._known[key] = _Known(known.until, known.size, self._wall_clock())
 
     def open(self, digest: Digest, byte_range: str | None) -> S3Object | None:
-        """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them."""
+        """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them.
+
+        Raises RangeNotSatisfiable when S3 answers 416: the blob is there, the range is not.
+        """
         extra = {"Range": byte_range} if byte_range else {}
         key = self.key(digest)
         try:
@@ -307,9 +314,11 @@ class BlobStore:
                 obj = self._client.get_object(Bucket=self._bucket, Key=key, **extra)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 416:
+                raise RangeNotSatisfiable(exc.response.get("Error", {}).get("Message")) from None
             if status == 404:
                 self._known.pop(key, None)  # deleted since: serve it from upstream
-            elif status != 416:  # a range past the end: the upstream answers that itself
+            else:
                 self.report_failure(exc)
             return None
         except BotoCoreError as exc:

@@ -52,7 +52,11 @@ def check_target(raw_target: str) -> str:
     path = target_path(raw_target)
     detail = {"path": path}
     if not path.startswith("/"):
-        raise PathInvalid("the request target must be a path starting with '/'", detail)
+        raise PathInvalid(
+            "the request target must be a path starting with '/' (origin-form); absolute-form "
+            "(scheme://host/path) and '*' are refused",
+            detail,
+        )
     if "#" in raw_target:  # origin-form has no fragment; some servers keep what follows it
         refusal = NameInvalid if path.startswith(V2) else PathInvalid
         raise refusal("a fragment is refused in a request target", detail)

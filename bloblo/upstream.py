@@ -10,6 +10,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from . import metrics
 from .config import Settings
@@ -27,16 +29,71 @@ RAW_TARGET = "X-Bloblo-Raw-Target"
 IDENTITY = [("Accept-Encoding", "identity")]
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_SAME_ORIGIN_HOPS = 3
+# Requests sent again when a kept-alive connection turns out closed (issue #13, item 7).
+IDEMPOTENT = frozenset({"GET", "HEAD"})
+
+
+class DroppedWhenIdle(ConnectionResetError):
+    """The upstream closed a kept-alive connection before any byte of the answer to a GET or
+    HEAD without a body: its idle timer and the request crossed. Safe to send again."""
 
 
 def _raw_target_request(connection_class):
     class RawTarget(connection_class):
+        answered = 0  # responses the open socket has carried: more than none means reused
+        _resendable = False
+
+        def close(self):
+            self.answered = 0  # the next socket (urllib3 may reconnect this object) is new
+            super().close()
+
         def request(self, method, url, body=None, headers=None, **kwargs):
-            target = headers.pop(RAW_TARGET, None) if headers is not None else None
-            super().request(method, target or url, body, headers, **kwargs)
+            if headers is not None:  # a copy: a retry sends the same headers again
+                headers = headers.copy()
+                url = headers.pop(RAW_TARGET, None) or url
+            self._resendable = method in IDEMPOTENT and body is None and self.answered > 0
+            super().request(method, url, body, headers, **kwargs)
+
+        def getresponse(self, *args, **kwargs):
+            try:
+                response = super().getresponse(*args, **kwargs)
+            except (ConnectionResetError, BrokenPipeError) as exc:  # also RemoteDisconnected
+                if self._resendable:
+                    raise DroppedWhenIdle(*exc.args) from exc
+                raise
+            self.answered += 1
+            return response
 
     RawTarget.__name__ = f"RawTarget{connection_class.__name__}"
     return RawTarget
+
+
+class _RetryDroppedWhenIdle(Retry):
+    """urllib3's retries, letting through only a DroppedWhenIdle: any other error is raised as
+    it would be without retries (read errors as they are, the rest as MaxRetryError)."""
+
+    def increment(self, method=None, url=None, response=None, error=None, **kwargs):
+        cause = error.args[-1] if isinstance(error, ProtocolError) and error.args else None
+        if isinstance(error, (ReadTimeoutError, ProtocolError)) and not isinstance(
+            cause, DroppedWhenIdle
+        ):
+            raise error  # a read timeout above all: sending again would double the wait
+        return super().increment(method, url, response, error, **kwargs)
+
+
+# One more try of a GET or HEAD without a body that met a kept-alive connection the upstream
+# had closed (issue #13, item 7); never a request with a body, a timeout, or a status.
+RETRY_DROPPED_WHEN_IDLE = _RetryDroppedWhenIdle(
+    total=1,
+    connect=0,
+    read=1,
+    other=0,
+    status=0,
+    redirect=False,
+    allowed_methods=IDEMPOTENT,
+    respect_retry_after_header=False,  # a 503 with Retry-After is the registry's answer
+    raise_on_status=False,
+)
 
 
 class _RawTargetPool(HTTPConnectionPool):
@@ -67,7 +124,9 @@ class Upstream:
         # The bare adapter, not a Session: a Session would keep one client's cookies for the
         # next, read ~/.netrc and proxy settings, and consume redirect bodies even when told
         # not to follow them.
-        self._adapter = _RawTargetAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self._adapter = _RawTargetAdapter(
+            pool_connections=4, pool_maxsize=pool_size, max_retries=RETRY_DROPPED_WHEN_IDLE
+        )
         self._origin = origin(self.url)
         self._prefix = urlsplit(self.url).path  # an upstream URL may have a path
 

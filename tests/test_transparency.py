@@ -246,6 +246,10 @@ def test_a_12_kb_bearer_token_and_a_long_request_line_pass(
         ("/service/../../etc/passwd", "PATH_INVALID"),
         ("/static/%2E%2E/secret?x=1", "PATH_INVALID"),
         ("/v2/team/app/blobs/sha256:" + "a" * 64 + "#/../../admin", "NAME_INVALID"),
+        # Absolute-form (issue #13, item 5): only origin-form is checked, so none is served.
+        ("http://registry.example/v2/team%2Fapp/manifests/latest", "PATH_INVALID"),
+        ("http://registry.example/v2/team/app/blobs/sha256:" + "a" * 64 + "%3F", "PATH_INVALID"),
+        ("http://registry.example/v2/", "PATH_INVALID"),
     ],
 )
 def test_hostile_paths_get_a_registry_error_and_reach_nothing(

@@ -29,11 +29,13 @@ class Seen:
 @dataclass
 class Reply:
     """What to answer: status, header lines, and a body (bytes, or chunks sent as they come and
-    then the connection closed, so a test can stop half-way)."""
+    then the connection closed, so a test can stop half-way). hang_up: no answer at all, the
+    connection closed once the request is read."""
 
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | Iterable[bytes] = b""
+    hang_up: bool = False
 
 
 def blob_headers(digest: str, length: int) -> list[tuple[str, str]]:
@@ -90,6 +92,9 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             )
             upstream.seen.append(seen)
             reply = upstream.answer(seen)
+            if reply.hang_up:
+                self.close_connection = True
+                return
             self.send_response(reply.status)
             for name, value in reply.headers:
                 self.send_header(name, value)

@@ -194,17 +194,39 @@ def test_a_non_utf8_header_value_still_makes_a_key(grants):
     assert grants.key(headers, ALICE, TARGET) is not None
 
 
-def test_a_sweep_of_a_full_memory_keeps_fresh_authorizations(grants, clock, monkeypatch):
-    monkeypatch.setattr("bloblo.grants.MAX_REMEMBERED", 3)
-    stale = [grants.key([("Authorization", f"Bearer old{i}")], ALICE, TARGET) for i in range(3)]
+def _keys(grants, prefix, count):
+    return [grants.key([("Authorization", f"Bearer {prefix}{i}")], ALICE, TARGET) for i in count]
+
+
+def test_fresh_authorizations_beyond_the_bound_never_grow_the_memory(clock):
+    grants = Grants(30, clock, maxsize=3)
+    for key in _keys(grants, "tok", range(10)):
+        grants.grant(key)
+        assert len(grants) <= 3
+    assert len(grants) == 3
+
+
+def test_the_least_recently_used_authorization_is_forgotten_first(clock):
+    grants = Grants(30, clock, maxsize=3)
+    first, second, third, fourth = _keys(grants, "tok", range(4))
+    for key in (first, second, third):
+        grants.grant(key)
+    assert grants.allows(first)  # used: now the second is the least recently used
+    grants.grant(fourth)
+    assert not grants.allows(second)
+    assert all(grants.allows(key) for key in (first, third, fourth))
+
+
+def test_a_full_memory_still_forgets_expired_authorizations(clock):
+    grants = Grants(30, clock, maxsize=3)
+    stale = _keys(grants, "old", range(3))
     for key in stale:
         grants.grant(key)
     clock.now += 20
-    fresh = [grants.key([("Authorization", f"Bearer new{i}")], ALICE, TARGET) for i in range(3)]
+    fresh = _keys(grants, "new", range(2))
     for key in fresh:
         grants.grant(key)
     clock.now += 15
-    last = grants.key(BEARER, ALICE, TARGET)
-    grants.grant(last)
-    assert all(grants.allows(key) for key in [*fresh, last])
+    assert len(grants) == 2
+    assert all(grants.allows(key) for key in fresh)
     assert not any(grants.allows(key) for key in stale)
