@@ -29,8 +29,6 @@ from .readers import FillReader
 from .storage import BlobStore, RangeNotSatisfiable
 from .upstream import (
     IDENTITY,
-    MAX_SAME_ORIGIN_HOPS,
-    REDIRECTS,
     Upstream,
     plain_length,
     release,
@@ -130,21 +128,13 @@ class BlobPolicy:
         add: list[tuple[str, str]] = (),
     ) -> requests.Response:
         """The upstream's final answer to the client's request (no body), following redirects
-        that stay at the upstream (same scheme, host and port) with the client's credentials,
-        at most MAX_SAME_ORIGIN_HOPS; a redirect elsewhere, or one hop too many, is the answer."""
-        for hop in range(MAX_SAME_ORIGIN_HOPS + 1):
-            answer = self._forwarder.call(
-                req, method=method, target=target, body=False, drop=drop, add=add
-            )
-            location = answer.headers.get("Location")
-            if answer.status_code not in REDIRECTS or location is None:
-                return answer
-            following = self._upstream.same_origin_target(location, target)
-            if following is None or hop == MAX_SAME_ORIGIN_HOPS:
-                return answer
-            release(answer)
-            target = following
-        raise AssertionError("unreachable")
+        that stay at the upstream with the client's credentials (Upstream.follow)."""
+        return self._upstream.follow(
+            lambda at: self._forwarder.call(
+                req, method=method, target=at, body=False, drop=drop, add=add
+            ),
+            target,
+        )
 
     def _note_digest_missing(self, missing: bool) -> None:
         """Log once, when it starts, that the upstream's blob HEADs carry no digest."""

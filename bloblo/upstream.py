@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -176,6 +176,23 @@ class Upstream:
                 _reason(exc),
             )
             raise UpstreamUnavailable("the upstream registry cannot be reached") from None
+
+    def follow(self, send: Callable[[str], requests.Response], target: str) -> requests.Response:
+        """send(target)'s final answer, following the redirects that stay at the upstream
+        (same_origin_target) with send, at most MAX_SAME_ORIGIN_HOPS of them; a redirect
+        elsewhere, or one hop too many, is the answer returned. The fills of the proxy and
+        of `bloblo warm` both follow this way (issues #6, #7)."""
+        for hop in range(MAX_SAME_ORIGIN_HOPS + 1):
+            answer = send(target)
+            location = answer.headers.get("Location")
+            if answer.status_code not in REDIRECTS or location is None:
+                return answer
+            following = self.same_origin_target(location, target)
+            if following is None or hop == MAX_SAME_ORIGIN_HOPS:
+                return answer
+            release(answer)
+            target = following
+        raise AssertionError("unreachable")
 
     def same_origin_target(self, location: str, base_target: str) -> str | None:
         """The request target a Location leads to when it stays at the upstream, else None.

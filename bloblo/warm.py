@@ -258,16 +258,14 @@ class Warmer:
         """The upstream's answer to the blob's GET, in plain bytes, following redirects that
         stay at the upstream, at most MAX_SAME_ORIGIN_HOPS (as the proxy's fills do)."""
         target = f"/v2/{blob.name}/blobs/{blob.digest}"
-        for _ in range(MAX_SAME_ORIGIN_HOPS + 1):
-            answer = self._get(blob.name, target, IDENTITY)
-            location = answer.headers.get("Location")
-            if answer.status_code not in REDIRECTS or location is None:
-                return answer
+        answer = self.upstream.follow(lambda at: self._get(blob.name, at, IDENTITY), target)
+        if answer.status_code in REDIRECTS and "Location" in answer.headers:
             release(answer)
-            target = self.upstream.same_origin_target(location, target)
-            if target is None:
-                raise WarmError("upstream redirects this blob to another origin: not cacheable")
-        raise WarmError(f"more than {MAX_SAME_ORIGIN_HOPS} redirects")
+            raise WarmError(
+                "upstream redirects this blob to another origin (or more than "
+                f"{MAX_SAME_ORIGIN_HOPS} times): not cacheable"
+            )
+        return answer
 
 
 def _read(answer: requests.Response, limit: int) -> bytes:

@@ -18,7 +18,7 @@ from tests.stack.idle_relay import IdleClosingRelay
 from tests.stack.procs import LOOPBACK, local_session, poll
 from tests.stack.regclient import RegistryClient
 from tests.stack.registry_log import requests_served
-from tests.test_metrics import _scrape
+from tests.stack.scrape import scrape
 
 MIB = 1024 * 1024
 TAIL = 64 * 1024  # what a response to the end of a blob holds back until it is verified
@@ -135,7 +135,7 @@ def test_an_s3_streamed_range_is_the_registrys_answer_and_never_a_new_fill(
     assert statuses == [416, 416, 206, 416, 206]
     outcomes = {
         labels[0][1]: value
-        for (name, labels), value in _scrape(bloblo).items()
+        for (name, labels), value in scrape(bloblo).items()
         if name == "bloblo_blob_requests_total"
     }
     assert outcomes == {"upstream": len(asks), "s3_stream": 1}  # never a fill of the blob
