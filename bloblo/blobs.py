@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import AbortResponse, RegistryError
 from .fills import Fill, Fills
 from .grants import Grants
+from .headers import Headers
 from .host import SharedFill
 from .logs import OUTCOME
 from .names import BlobRef, Digest
@@ -273,21 +274,26 @@ class BlobPolicy:
         headers.append(("Content-Length", str(stop - start)))
         # Any response that reaches the blob's end holds its tail until the blob is verified,
         # `bytes=N-` as much as the whole blob: a wrong blob is never a clean 206 (issue #13).
-        resume = functools.partial(self._rest_from_upstream, req, target, fill.digest)
+        # The client's headers now: the body is read outside the request's context.
+        asked = self._forwarder.upstream_headers(req, drop=_NOT_IN_FILL, add=IDENTITY)
+        resume = functools.partial(self._rest_from_upstream, asked, target, fill.digest)
         reader = FillReader(fill, start, stop, stop == fill.size, resume)
         response = self._forwarder.answer(req, status, headers, self._fills.serving(reader))
         _cut_off_stalls(req, response)
         return response
 
     def _rest_from_upstream(
-        self, req: Request, target: str, digest: Digest, start: int, stop: int
+        self, asked: Headers, target: str, digest: Digest, start: int, stop: int
     ) -> Iterator[bytes]:
-        """Bytes [start, stop) of the blob from the upstream, asked with this client's
-        credentials in a Range request, for a client whose fill broke under it (issue #13,
-        part 3). Raises AbortResponse unless the upstream answers with exactly those bytes."""
-        wanted = [*IDENTITY, ("Range", f"bytes={start}-{stop - 1}")]
+        """Bytes [start, stop) of the blob from the upstream, asked with the client's headers
+        (asked: its credentials) in a Range request, for a client whose fill broke under it
+        (issue #13, part 3). Raises AbortResponse unless the upstream answers with exactly
+        those bytes."""
+        headers = [*asked, ("Range", f"bytes={start}-{stop - 1}")]
         try:
-            answer = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=wanted)
+            answer = self._upstream.follow(
+                lambda at: self._upstream.send("GET", at, headers), target
+            )
         except RegistryError as exc:
             raise AbortResponse(f"the rest of {digest} from the upstream: {exc}") from None
         try:

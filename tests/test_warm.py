@@ -277,7 +277,7 @@ def test_a_blob_redirected_to_another_origin_is_not_cacheable(s3, bucket, tmp_pa
     with FakeUpstream(answer) as upstream:
         result = _warm(upstream, s3, bucket, tmp_path, "team/app:1")
     assert result.returncode == 1
-    assert "another origin: not cacheable" in result.stderr
+    assert "another origin" in result.stderr and "not cacheable" in result.stderr
     assert _summary(result).startswith("1 blobs: 0 copied, 0 already cached, 1 failed")
     manifest_get, blob_get = upstream.seen  # the redirect was not followed
     accepted = manifest_get.header_values("Accept")[0]
