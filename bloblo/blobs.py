@@ -19,8 +19,8 @@ from .clients import in_networks
 from .config import Settings
 from .errors import AbortResponse, RegistryError
 from .fills import Fill, Fills
+from .followers import SharedFill
 from .grants import Grants
-from .host import SharedFill
 from .logs import OUTCOME
 from .names import BlobRef, Digest
 from .proxy import CHUNK, Forwarder, client_of, raw_target

@@ -22,7 +22,9 @@ from gevent.event import Event
 from . import metrics
 from .config import Settings
 from .errors import AbortResponse
-from .host import FillState, HostFills, SharedFill
+from .fillstate import FillState
+from .followers import SharedFill
+from .host import HostFills
 from .loop import Turns
 from .names import Digest
 from .readers import CHUNK, FillReader
