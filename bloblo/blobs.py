@@ -275,7 +275,7 @@ class BlobPolicy:
         # `bytes=N-` as much as the whole blob: a wrong blob is never a clean 206 (issue #13).
         resume = functools.partial(self._rest_from_upstream, req, target, fill.digest)
         reader = FillReader(fill, start, stop, stop == fill.size, resume)
-        response = self._forwarder.answer(req, status, headers, self._fills.serving(reader))
+        response = self._forwarder.answer(req, status, headers, self._fills.hold.serving(reader))
         _cut_off_stalls(req, response)
         return response
 
