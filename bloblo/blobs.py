@@ -19,9 +19,9 @@ from .clients import in_networks
 from .config import Settings
 from .errors import AbortResponse, RegistryError
 from .fills import Fill, Fills
+from .followers import SharedFill
 from .grants import Grants
 from .headers import Headers
-from .host import SharedFill
 from .logs import OUTCOME
 from .names import BlobRef, Digest
 from .proxy import CHUNK, Forwarder, client_of, raw_target
@@ -278,7 +278,7 @@ class BlobPolicy:
         asked = self._forwarder.upstream_headers(req, drop=_NOT_IN_FILL, add=IDENTITY)
         resume = functools.partial(self._rest_from_upstream, asked, target, fill.digest)
         reader = FillReader(fill, start, stop, stop == fill.size, resume)
-        response = self._forwarder.answer(req, status, headers, self._fills.serving(reader))
+        response = self._forwarder.answer(req, status, headers, self._fills.hold.serving(reader))
         _cut_off_stalls(req, response)
         return response
 

@@ -22,19 +22,19 @@ from gevent.event import Event
 from . import metrics
 from .config import Settings
 from .errors import AbortResponse
-from .host import FillState, HostFills, SharedFill
+from .fillstate import FillState
+from .followers import SharedFill
+from .holds import UploadHold
+from .host import HostFills
 from .loop import Turns
 from .names import Digest
-from .readers import CHUNK, FillReader
+from .readers import CHUNK
 from .spool import Spool, SpoolBudget, SpoolDiskFull, SpoolError, open_spool
 from .storage import BlobStore
 from .uploads import Pipe, UploadAborted, VerifiedReader
 from .upstream import release
 
 LOG = logging.getLogger(__name__)
-
-HOLD_POLL_SECONDS = 0.02  # how often a held upload looks whether the host is still busy
-HOLD_QUIET_SECONDS = 1.0  # a held upload goes once the host has been idle this long
 
 
 class FillBroken(Exception):
@@ -140,16 +140,16 @@ class Fill:
         started = time.monotonic()
         try:
             with gevent.Timeout(self._owner.deadline, FillBroken("the fill deadline passed")):
-                self._owner.busy(+1)
+                self._owner.hold.busy(+1)
                 try:
                     self._download(response)
                 finally:
-                    self._owner.busy(-1)
+                    self._owner.hold.busy(-1)
                     release(response)
                 # Only now, and once the host's clients of fills are served: while they are,
                 # they have the CPU to themselves (an upload alongside made a cold pull twice
                 # as slow, issue #7).
-                self._owner.hold_upload()
+                self._owner.hold.wait()
                 if self._owner.store.available():
                     self._upload()
                 else:
@@ -313,10 +313,7 @@ class Fills:
         self._max = settings.max_fills
         self._running: dict[str, Fill] = {}
         self._shared: dict[str, SharedFill] = {}  # other workers' fills this one follows
-        self._upload_hold = settings.upload_hold_seconds
-        self._busy = 0  # downloads of this worker's fills, and its clients of fills, now
-        self._draining = False  # the worker stops: held uploads go at once
-        self._idle_since = 0.0  # monotonic seconds when this worker was last busy
+        self.hold = UploadHold(settings.upload_hold_seconds, host)
 
     def running(self, digest: Digest) -> Fill | SharedFill | None:
         """The fill of digest under way in this worker or, failing that, in another worker of
@@ -355,43 +352,6 @@ class Fills:
         if self._running.get(str(fill.digest)) is fill:
             del self._running[str(fill.digest)]
 
-    def serving(self, reader: FillReader) -> FillReader:
-        """reader, counted as a client of a fill until it is closed (held uploads wait)."""
-        self.busy(+1)
-        reader.on_close(lambda: self.busy(-1))
-        return reader
-
-    def busy(self, change: int) -> None:
-        """One more (+1) or one less (-1) download or client of a fill in this worker."""
-        was_busy = self._busy > 0
-        self._busy += change
-        if self._busy == 0:
-            self._idle_since = time.monotonic()
-        if self.host is not None and was_busy != (self._busy > 0):
-            self.host.busy(self._busy > 0)
-
-    def hold_upload(self) -> float:
-        """Wait until this host's workers have neither downloaded a blob nor served one from a
-        fill for HOLD_QUIET_SECONDS, at most BLOBLO_UPLOAD_HOLD_SECONDS (0: no wait); return
-        the seconds waited. On a host short of cores an upload (boto3, and the S3 server if it
-        runs there) slows the clients still waiting for their blobs, and a pull's next blob
-        (its config, after the layers) comes right after the last one (issue #7, cold pulls)."""
-        started = time.monotonic()
-        deadline = started + self._upload_hold
-        last_busy = self._idle_since
-        while (now := time.monotonic()) < deadline and not self._draining:
-            if self._busy_here():
-                last_busy = now
-            elif now - max(last_busy, self._idle_since) >= HOLD_QUIET_SECONDS:
-                break  # (_idle_since: a client of this worker came and went between looks)
-            gevent.sleep(HOLD_POLL_SECONDS)
-        held = time.monotonic() - started
-        metrics.UPLOAD_HOLD.observe(held)
-        return held
-
-    def _busy_here(self) -> bool:
-        return self._busy > 0 or (self.host is not None and self.host.busy_elsewhere())
-
     def in_progress(self) -> int:
         """How many fills this worker runs now."""
         return len(self._running)
@@ -399,7 +359,7 @@ class Fills:
     def drain(self, timeout: float) -> int:
         """Wait up to timeout seconds for the fills under way (their held uploads go at once);
         return how many are left. Then the host's files of this worker's fills are tidied."""
-        self._draining = True
+        self.hold.drain()
         fills = list(self._running.values())
         if fills:
             LOG.info("waiting up to %gs for %d fills", timeout, len(fills))

@@ -1,5 +1,7 @@
-"""Fills shared by the workers of one host: the registry sends a new blob to one worker, and
-the clients of every other worker read it from that worker's spool (issue #7, per-host fill).
+"""The protocol between the workers of one host that share their fills: the registry sends a
+new blob to one worker, and the clients of every other worker read it from that worker's spool
+(issue #7, per-host fill; followers.py reads it). This module owns the locks, the names, the
+state files and their pruning.
 
 The workers speak through files in the spool directory (spooldir.py: bloblo's alone), named by
 a namespace (a hash of bucket and prefix: instances caching elsewhere never share a fill) and
@@ -24,99 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
 import struct
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import gevent
-from gevent.event import Event
 
-from .errors import AbortResponse
+from .fillstate import BadState, FillState
 from .names import Digest
 from .spooldir import NotOurs, create_private, open_private
 
 LOG = logging.getLogger(__name__)
 
-STATE_VERSION = 1  # FillState's layout; a worker of another version's states are ignored
 MAX_STATE_BYTES = 256 * 1024  # a state file larger than this is not one bloblo wrote
-WATCH_SECONDS = 0.005  # how often a joiner looks at another worker's fill
-CLOSE_GRACE_SECONDS = 1.0  # a followed fill that ended keeps its descriptor this long unread
 PRUNE_SECONDS = 60.0  # files of fills over for this long are removed, this often
 STATE_GRACE_SECONDS = 2.0  # a fill's state outlives it this long: its followers look every 5 ms
 BUSY_BYTE = 1 << 60  # past every digest's byte (_offset takes 60 bits)
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
-_STATES = frozenset({"running", "verified", "broken", "refuted"})
-_FIELDS = frozenset({"version", "spool", "size", "headers", "state", "reason"})
 _LEGACY_TEMPORARY = ".bloblo-state-"  # bloblo before issue #13 wrote states through these
-
-
-class BadState(ValueError):
-    """A state file's content is not a FillState of this version for this blob."""
 
 
 class UnusableState(Exception):
     """A blob's state file that bloblo will not follow (not its own, or not a FillState)."""
-
-
-@dataclass(frozen=True)
-class FillState:
-    """How far a fill got, as its worker tells the host's other workers: the one record they
-    share (version STATE_VERSION)."""
-
-    spool: str  # the spool's file name in the spool directory
-    size: int  # the blob's size in bytes
-    headers: tuple[tuple[str, str], ...]  # the upstream's answer, for every client
-    state: str  # running, verified, broken, or refuted (the upstream's bytes were wrong)
-    reason: str | None = None  # why it broke
-
-    def encode(self) -> bytes:
-        """The state as its file holds it."""
-        record = {
-            "version": STATE_VERSION,
-            "spool": self.spool,
-            "size": self.size,
-            "headers": [list(pair) for pair in self.headers],
-            "state": self.state,
-            "reason": self.reason,
-        }
-        return json.dumps(record).encode()
-
-    @classmethod
-    def parse(cls, data: bytes, spool_prefix: str) -> FillState:
-        """The state data holds, for a blob whose spools are named `<spool_prefix><12 hex>.spool`.
-
-        Raises BadState for anything else: not JSON, another version, a missing or unknown
-        field, a value of the wrong type, or a spool of another blob or directory.
-        """
-        try:
-            record = json.loads(data)
-        except ValueError:
-            raise BadState("not JSON") from None
-        if not isinstance(record, dict) or set(record) != _FIELDS:
-            raise BadState("not a fill's state")
-        if record["version"] != STATE_VERSION:
-            raise BadState(f"version {record['version']!r}, not {STATE_VERSION}")
-        spool, size, headers = record["spool"], record["size"], record["headers"]
-        state, reason = record["state"], record["reason"]
-        pattern = re.escape(spool_prefix) + r"[0-9a-f]{12}\.spool"
-        if not (isinstance(spool, str) and re.fullmatch(pattern, spool)):
-            raise BadState(f"spool {spool!r} is not this blob's")
-        if type(size) is not int or size < 0:
-            raise BadState(f"size {size!r}")
-        if not isinstance(headers, list) or not all(_is_header(pair) for pair in headers):
-            raise BadState("headers")
-        if state not in _STATES or not (reason is None or isinstance(reason, str)):
-            raise BadState(f"state {state!r}")
-        return cls(spool, size, tuple((name, value) for name, value in headers), state, reason)
-
-
-def _is_header(pair) -> bool:
-    return isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
 
 
 class HostFills:
@@ -215,7 +148,7 @@ class HostFills:
             return False
         return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
 
-    # -- the workers that join ------------------------------------------------------------------
+    # -- the workers that follow ------------------------------------------------------------------
 
     def filled_elsewhere(self, digest: Digest) -> bool:
         """Whether another worker of the host holds the blob's lock (fills it now)."""
@@ -353,163 +286,3 @@ def _offset(digest: Digest) -> int:
     """The lock's byte for a digest: 60 bits of it (a collision only makes two blobs take
     turns)."""
     return int(digest.hex[:15], 16)
-
-
-class SharedFill:
-    """A fill another worker of this host runs, as seen by this worker's clients: the reading
-    interface of readers.py, fed by looking at the other worker's spool file and state every
-    WATCH_SECONDS. One per blob and worker serves every client of the worker (Fills keeps it
-    from the start until its descriptor is closed: `on_start` and `on_close`)."""
-
-    def __init__(
-        self,
-        digest: Digest,
-        host: HostFills,
-        on_start: Callable[[SharedFill], None] = lambda fill: None,
-        on_close: Callable[[SharedFill], None] = lambda fill: None,
-    ):
-        self.digest = digest
-        self.size = 0
-        self.written = 0  # bytes of the blob in the other worker's spool, as last seen
-        self.headers: list[tuple[str, str]] = []
-        self.verified = False
-        self.broken: str | None = None
-        self.refuted = False
-        self.progress = Event()
-        self._fd: int | None = None
-        self._spool_name: str | None = None
-        self._readers = 0
-        self._host = host
-        self._on_start, self._on_close = on_start, on_close
-        self._starting: gevent.Greenlet | None = None
-
-    @property
-    def following(self) -> bool:
-        """Whether this worker still holds a descriptor of the other worker's spool."""
-        return self._fd is not None
-
-    def wait_started(self, timeout: float) -> bool:
-        """Wait until the other worker's fill runs (True); False when it was cancelled, ended
-        before this worker could open its spool, did not start within timeout seconds, or left
-        files that cannot be followed. The first caller starts following it; the others wait
-        for the same answer."""
-        if self._starting is None:
-            self._on_start(self)
-            self._starting = gevent.spawn(self._start, timeout)
-        self._starting.join(timeout)
-        return bool(self._starting.successful() and self._starting.value)
-
-    def _start(self, timeout: float) -> bool:
-        try:
-            if self._follow(timeout):
-                return True
-        except Exception as exc:  # never a dead follower kept for the worker's life
-            LOG.warning("cannot follow the fill of %s: %s", self.digest, exc)
-        self._close()
-        return False
-
-    def _follow(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            held = self._host.filled_elsewhere(self.digest)
-            try:
-                state = self._host.state(self.digest)
-                if state is not None and self._open(state):
-                    self._apply(state, held)
-                    gevent.spawn(self._watch)
-                    return True
-            except UnusableState:  # logged: the client fetches the blob itself
-                return False
-            if not held:
-                return False
-            gevent.sleep(WATCH_SECONDS)
-        return False
-
-    def _open(self, state: FillState) -> bool:
-        try:
-            self._fd = self._host.open_spool(state)
-        except FileNotFoundError:  # over already
-            return False
-        except OSError as exc:  # not a file this worker may follow: the client fetches it
-            raise UnusableState(str(exc)) from None
-        self.size, self.headers, self._spool_name = state.size, list(state.headers), state.spool
-        self._refresh()
-        return True
-
-    # -- the reading interface (readers.py) -----------------------------------------------------
-
-    def attach(self) -> None:
-        """One more reader: the spool stays open for it."""
-        self._readers += 1
-
-    def detach(self) -> None:
-        """A reader is done; the spool is closed once the fill ended and none is left."""
-        self._readers -= 1
-        self._close_if_unused()
-
-    def read_spool(self, position: int, count: int) -> bytes:
-        """count bytes from position (there already); a failed read raises AbortResponse."""
-        try:
-            data = os.pread(self._fd, count, position)
-        except (OSError, TypeError) as exc:
-            reason = f"the shared spool of {self.digest} cannot be read: {exc}"
-            raise AbortResponse(reason) from None
-        if len(data) != count:
-            raise AbortResponse(f"the shared spool of {self.digest} is short at {position}")
-        return data
-
-    # -- following the other worker -------------------------------------------------------------
-
-    def _close_if_unused(self) -> None:
-        if self._readers == 0 and (self.verified or self.broken):
-            self._close()
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._on_close(self)
-
-    def _refresh(self) -> None:
-        self.written = min(os.fstat(self._fd).st_size, self.size)
-
-    def _apply(self, state: FillState | None, held: bool) -> None:
-        """Take in the state published, and whether its worker still holds the lock (read
-        before the state: a state read after the lock was released is the final one)."""
-        if self.verified or self.broken:
-            return
-        if state is None or state.spool != self._spool_name:
-            self.broken = "the fill was replaced"  # a newer fill of the blob took its place
-        elif state.state == "verified":
-            self.verified = True
-        elif state.state in ("broken", "refuted"):
-            self.broken = state.reason or "the fill broke"
-            self.refuted = state.state == "refuted"
-        elif not held:  # no longer filled, and never verified: its worker stopped
-            self.broken = "the worker filling it stopped"
-
-    def _watch(self) -> None:
-        """Follow the other worker's fill until it is verified or broken. Each look reads the
-        lock, then the state, then the spool's size: a state is never paired with a size read
-        before it (a verified state read after the size could miss the last bytes, and its
-        readers would wait for bytes that never come)."""
-        try:
-            while not (self.verified or self.broken) and self._fd is not None:
-                gevent.sleep(WATCH_SECONDS)
-                held = self._host.filled_elsewhere(self.digest)  # before the state: see _apply
-                state = self._host.usable_state(self.digest)
-                before = self.written
-                self._refresh()
-                self._apply(state, held)
-                if self.written != before or self.verified or self.broken:
-                    self._notify()
-        except (OSError, TypeError) as exc:  # the descriptor went: nothing more to follow
-            self.broken = self.broken or f"cannot follow the fill: {exc}"
-            self._notify()
-        # Not at once: a client whose wait_started() just answered True makes its reader
-        # after this greenlet's turn (a blob verified before anyone read it).
-        gevent.spawn_later(CLOSE_GRACE_SECONDS, self._close_if_unused)
-
-    def _notify(self) -> None:
-        progress, self.progress = self.progress, Event()
-        progress.set()

@@ -1,10 +1,11 @@
 """Reading a fill while it runs: the response body of every client a fill serves (issue #7).
 
-A fill in this worker (fills.Fill) and one in another worker of the host (host.SharedFill) offer
-the same interface, FillView: the readers cannot tell them apart. When the fill ends broken
-under a reader (a failed spool write, a killed filling worker, an upstream cut off, nothing
-moving for STALL_SECONDS), the reader continues from the upstream with a Range request for what
-its client still lacks (issue #13, part 3); only a fill whose bytes were wrong is not resumed.
+A fill in this worker (fills.Fill) and one in another worker of the host
+(followers.SharedFill) offer the same interface, FillView: the readers cannot tell them apart.
+When the fill ends broken under a reader (a failed spool write, a killed filling worker, an
+upstream cut off, nothing moving for STALL_SECONDS), the reader continues from the upstream with
+a Range request for what its client still lacks (issue #13, part 3); only a fill whose bytes
+were wrong is not resumed.
 """
 
 from __future__ import annotations

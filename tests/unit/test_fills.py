@@ -7,7 +7,7 @@ import time
 import gevent
 import pytest
 
-from bloblo import fills as fills_module
+from bloblo import holds
 from bloblo.config import Settings
 from bloblo.errors import AbortResponse
 from bloblo.fills import Fills
@@ -175,7 +175,9 @@ def test_an_upload_waits_while_the_worker_serves_a_client_of_a_fill(tmp_path):
     other_data = DATA[: 3 * MIB]
     other = fills.reserve(_digest(other_data))
     assert other.begin(FakeResponse(_chunks(other_data)), len(other_data), [])
-    client = fills.serving(FillReader(other, 0, MIB, hold_tail=False))  # reads, then stays open
+    client = fills.hold.serving(
+        FillReader(other, 0, MIB, hold_tail=False)
+    )  # reads, then stays open
     assert len(b"".join(client)) == MIB
     fill = fills.reserve(_digest(DATA))
     assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
@@ -193,7 +195,7 @@ def test_a_held_upload_goes_after_upload_hold_seconds_whatever_the_clients_do(tm
     fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=0.5), store)
     fill = fills.reserve(_digest(DATA))
     assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
-    stalled = fills.serving(FillReader(fill, 0, len(DATA), hold_tail=True))
+    stalled = fills.hold.serving(FillReader(fill, 0, len(DATA), hold_tail=True))
     next(iter(stalled))  # one chunk, then the client reads nothing more
     started = time.monotonic()
     assert fill.done.wait(10)
@@ -206,8 +208,8 @@ def test_serving_counts_a_client_once_however_often_its_reader_is_closed(tmp_pat
     fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=0.5), RecordingStore())
     fill = fills.reserve(_digest(DATA))
     assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
-    first = fills.serving(FillReader(fill, 0, MIB, hold_tail=False))
-    second = fills.serving(FillReader(fill, 0, MIB, hold_tail=False))
+    first = fills.hold.serving(FillReader(fill, 0, MIB, hold_tail=False))
+    second = fills.hold.serving(FillReader(fill, 0, MIB, hold_tail=False))
     first.close()
     first.close()  # WSGI servers may close twice
     started = time.monotonic()
@@ -219,19 +221,19 @@ def test_serving_counts_a_client_once_however_often_its_reader_is_closed(tmp_pat
 def test_a_held_upload_waits_for_a_quiet_host_and_goes_at_once_when_the_worker_stops(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(fills_module, "HOLD_QUIET_SECONDS", 0.3)
+    monkeypatch.setattr(holds, "QUIET_SECONDS", 0.3)
     fills = Fills(Settings(spool_dir=str(tmp_path), upload_hold_seconds=30), RecordingStore())
-    fills.busy(+1)  # a download, say
-    fills.busy(-1)
-    assert 0.25 < fills.hold_upload() < 2  # quiet for 0.3 s
-    assert fills.hold_upload() < 0.1  # idle for long enough already
-    fills.busy(+1)
-    fills.busy(-1)
-    comeback = gevent.spawn_later(0.2, fills.busy, +1)  # the pull's next blob, a moment later
-    gevent.spawn_later(0.4, fills.busy, -1)
-    assert 0.6 < fills.hold_upload() < 3
+    fills.hold.busy(+1)  # a download, say
+    fills.hold.busy(-1)
+    assert 0.25 < fills.hold.wait() < 2  # quiet for 0.3 s
+    assert fills.hold.wait() < 0.1  # idle for long enough already
+    fills.hold.busy(+1)
+    fills.hold.busy(-1)
+    comeback = gevent.spawn_later(0.2, fills.hold.busy, +1)  # the pull's next blob, a moment later
+    gevent.spawn_later(0.4, fills.hold.busy, -1)
+    assert 0.6 < fills.hold.wait() < 3
     assert comeback.dead
-    fills.busy(+1)  # a client that stays
+    fills.hold.busy(+1)  # a client that stays
     stop = gevent.spawn_later(0.3, fills.drain, 5)
-    assert 0.25 < fills.hold_upload() < 2  # no longer held once the worker drains
+    assert 0.25 < fills.hold.wait() < 2  # no longer held once the worker drains
     stop.join()

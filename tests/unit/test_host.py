@@ -18,7 +18,9 @@ from bloblo import host as host_module
 from bloblo import readers as readers_module
 from bloblo.config import Settings
 from bloblo.errors import AbortResponse
-from bloblo.host import FillState, HostFills, SharedFill
+from bloblo.fillstate import FillState
+from bloblo.followers import SharedFill
+from bloblo.host import HostFills
 from bloblo.names import Digest
 from bloblo.readers import FillReader
 
