@@ -18,6 +18,7 @@ from . import metrics
 from .clients import in_networks
 from .config import Settings
 from .errors import AbortResponse, RegistryError
+from .evidence import Evidence, evidence_of, vouches_for_cached
 from .fills import Fill, Fills
 from .followers import SharedFill
 from .grants import Grants
@@ -90,35 +91,45 @@ class BlobPolicy:
         other gets the upstream's own answer to its GET (issue #6, part 1).
         """
         target = raw_target(req)
-        if not self._authorized(req, blob, target):
+        evidence = self._authorized(req, blob, target)
+        if evidence is None:
             return self._uncached(req, target, outcome="refused")
         # A verified fill may be published already (its bookkeeping ends a moment later, and
         # another worker's followers keep it a second): once S3 holds the blob, redirect.
         fill = self._fills.running(blob.digest)
-        if (fill is None or fill.verified) and self._store.contains(blob.digest):
+        if (fill is None or fill.verified) and self._cached_for(evidence, blob):
             response = self._from_cache(req, blob)
             if response is not None:
                 return response
-        return self._from_upstream(req, blob, target, fill)
+        return self._from_upstream(req, blob, target, evidence, fill)
 
-    def _authorized(self, req: Request, blob: BlobRef, target: str) -> bool:
-        """Whether the upstream answers this client's HEAD of the blob with the blob itself."""
+    def _authorized(self, req: Request, blob: BlobRef, target: str) -> Evidence | None:
+        """What the upstream's answer to this client's HEAD of the blob proves, or None when
+        it is not the blob (evidence.py). An authorization remembered under
+        BLOBLO_AUTH_CACHE_TTL sends no HEAD: its evidence knows no size."""
         head_headers = self._forwarder.upstream_headers(req, drop=_NOT_IN_HEAD)
         key = self._grants.key(head_headers, client_of(req), target)
         if self._grants.allows(key):
-            return True
+            return Evidence()
         answer = self._follow(req, "HEAD", target, drop=_NOT_IN_HEAD)
         release(answer)
         if answer.status_code != 200:
-            return False
-        if "Docker-Content-Digest" not in answer.headers:
-            self._note_digest_missing(True)
-            return False
-        self._note_digest_missing(False)
-        if answer.headers["Docker-Content-Digest"] != str(blob.digest):
-            return False
-        self._grants.grant(key)
-        return True
+            return None
+        named = answer.headers.get("Docker-Content-Digest")
+        self._note_digest_missing(named is None)
+        evidence = evidence_of(blob.digest, named, answer.headers.get("Content-Length"))
+        if evidence is not None and evidence.canonical is None:
+            # Only the digest itself is remembered: a canonical digest must be seen to match
+            # the cached object's on every GET.
+            self._grants.grant(key)
+        return evidence
+
+    def _cached_for(self, evidence: Evidence, blob: BlobRef) -> bool:
+        """Whether the bucket holds the blob for a client with this evidence: a blob verified
+        against a canonical digest only for the same one."""
+        return self._store.contains(blob.digest) and vouches_for_cached(
+            evidence, self._store.canonical_digest(blob.digest)
+        )
 
     def _follow(
         self,
@@ -210,32 +221,41 @@ class BlobPolicy:
         return response
 
     def _from_upstream(
-        self, req: Request, blob: BlobRef, target: str, fill: Fill | SharedFill | None
+        self,
+        req: Request,
+        blob: BlobRef,
+        target: str,
+        evidence: Evidence,
+        fill: Fill | SharedFill | None,
     ) -> Response:
         """A miss: join fill (the blob's, if one runs), start one, or pass the upstream's
         answer on.
 
         A fill asks for the whole blob in plain bytes, following redirects that stay at the
-        upstream; an answer that is not a 200 of known length in plain bytes is passed to the
-        client byte for byte, never verified, never cached (issues #6, #7).
+        upstream; an answer that is not a 200 of known length in plain bytes (its
+        Content-Length, else the size the HEAD gave) is passed to the client byte for byte,
+        never verified, never cached (issues #6, #7, #13 §6). A client whose HEAD named a
+        canonical digest joins only a fill verifying that same digest.
         """
         if any(name in req.headers for name in _CONDITIONAL):
             return self._uncached(req, target)
         if fill is None:
             reserved = self._fills.reserve(blob.digest)
             if reserved is not None:
-                return self._start_fill(req, reserved, target)
+                return self._start_fill(req, reserved, target, evidence)
             fill = self._fills.running(blob.digest)  # one began while S3 was asked
             if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
                 return self._uncached(req, target)
+        if not _may_join(fill, evidence):
+            return self._uncached(req, target)
         # A joiner: its own HEAD authorized it already.
         if fill.wait_started(self._settings.upstream_read_timeout):
             return self._from_fill(req, fill, target, joiner=True)
-        if self._store.contains(blob.digest):  # it ended, published, before we could join
+        if self._cached_for(evidence, blob):  # it ended, published, before we could join
             return self._from_cache(req, blob) or self._uncached(req, target)
         return self._uncached(req, target)
 
-    def _start_fill(self, req: Request, fill: Fill, target: str) -> Response:
+    def _start_fill(self, req: Request, fill: Fill, target: str, evidence: Evidence) -> Response:
         """Ask the upstream for the blob and run fill on its answer; an answer that cannot
         be filled goes to the client as it is."""
         try:
@@ -243,8 +263,9 @@ class BlobPolicy:
         except BaseException:  # also GreenletExit: joiners must not wait for it
             fill.cancel()
             raise
-        size = plain_length(upstream)
-        if size is None or not fill.begin(upstream, size, upstream.raw.headers.items()):
+        size = plain_length(upstream, evidence.size)
+        headers = upstream.raw.headers.items()
+        if size is None or not fill.begin(upstream, size, headers, evidence.canonical):
             fill.cancel()
             if "Range" in req.headers:  # that answer was to a whole-blob GET, not the client's
                 release(upstream)
@@ -325,6 +346,14 @@ def _outcome(req: Request, outcome: str) -> None:
     """Say how this blob GET was answered, for its access line and metrics."""
     req.environ[OUTCOME] = outcome
     metrics.BLOB_REQUESTS.labels(outcome).inc()
+
+
+def _may_join(fill: Fill | SharedFill, evidence: Evidence) -> bool:
+    """Whether a client with this evidence may read the fill: one whose HEAD named a canonical
+    digest only a fill that verifies that same digest (issue #13 §6)."""
+    if evidence.canonical is None:
+        return True
+    return fill.canonical is not None and str(fill.canonical) == str(evidence.canonical)
 
 
 def _passed_through(count: int) -> None:

@@ -54,7 +54,8 @@ class Fill:
         self.size = 0
         self.headers: list[tuple[str, str]] = []  # the upstream's answer, for every client
         self.spool: Spool | None = None
-        self.verified = False  # every byte is in the spool and hashes to the digest
+        self.verified = False  # every byte is in the spool and hashes to the digest(s)
+        self.canonical: Digest | None = None  # the registry's other digest of it (evidence.py)
         self.broken: str | None = None
         self.result: str | None = None  # published, digest_mismatch, aborted, failed
         self.done = Event()  # download and upload are over
@@ -67,11 +68,21 @@ class Fill:
 
     # -- the client that starts it -------------------------------------------------------------
 
-    def begin(self, response: requests.Response, size: int, headers) -> bool:
+    def begin(
+        self,
+        response: requests.Response,
+        size: int,
+        headers,
+        canonical: Digest | None = None,
+    ) -> bool:
         """Run the fill on response (a 200 of size plain bytes); False (nothing started) when
         the blob cannot be spooled: no room in the spool budget or on the spool's disk (counted
         in bloblo_fills_skipped_total, and logged once per digest: issue #13 §3), or no spool
-        file can be made."""
+        file can be made.
+
+        The fill is verified only when exactly size bytes came and they hash to the digest and,
+        when given, to canonical too (the digest of another algorithm the registry named for
+        the blob; it is stored with the object: issue #13 §6)."""
         budget = self._owner.budget
         try:
             self.spool = open_spool(self._owner.spool_dir, size, budget, self._shared_path)
@@ -84,7 +95,7 @@ class Fill:
         if self.spool is None:
             _skipped(self.digest, "spool_budget", budget.shortfall(size))
             return False
-        self.size, self.headers = size, list(headers)
+        self.size, self.headers, self.canonical = size, list(headers), canonical
         self._share("running")
         metrics.FILLS_IN_PROGRESS.inc()
         gevent.spawn(self._run, response)
@@ -181,12 +192,17 @@ class Fill:
         """Spool and hash the upstream's bytes. Both run in gevent's threadpool (a native
         thread: pwrite and hashlib let go of the GIL), one chunk at a time, while this greenlet
         receives the next: on 2 cores the copy to disk and the hash no longer hold the loop."""
-        hasher, turns, pool = self.digest.hasher(), Turns(), gevent.get_hub().threadpool
+        checks = [(digest, digest.hasher()) for digest in (self.digest, self.canonical) if digest]
+        hashers = [hasher for _, hasher in checks]
+        turns, pool, received = Turns(), gevent.get_hub().threadpool, 0
         for chunk in response.raw.stream(CHUNK, decode_content=False):
+            received += len(chunk)
+            if received > self.size:  # a body without Content-Length can run past the size
+                raise FillBroken(f"the upstream sent more than {self.size} bytes")
             if self._writing is not None:
                 _raise_failed_write(self._writing)
                 self._notify()
-            self._writing = pool.spawn(_spool_and_hash, self.spool, hasher, chunk)
+            self._writing = pool.spawn(_spool_and_hash, self.spool, hashers, chunk)
             metrics.UPSTREAM_BYTES.inc(len(chunk))
             turns.give()
         if self._writing is not None:
@@ -194,10 +210,11 @@ class Fill:
             self._notify()
         if self.spool.written != self.size:
             raise FillBroken(f"the upstream sent {self.spool.written} bytes of {self.size}")
-        if hasher.hexdigest() != self.digest.hex:
-            self.result = "digest_mismatch"
-            LOG.error("the upstream sent a wrong blob for %s: not cached", self.digest)
-            raise FillBroken(f"content hashes to {self.digest.algorithm}:{hasher.hexdigest()}")
+        for digest, hasher in checks:
+            if hasher.hexdigest() != digest.hex:
+                self.result = "digest_mismatch"
+                LOG.error("the upstream sent a wrong blob for %s: not cached", self.digest)
+                raise FillBroken(f"content hashes to {digest.algorithm}:{hasher.hexdigest()}")
         self.verified = True
         self._share("verified")
         self._notify()
@@ -216,7 +233,8 @@ class Fill:
         pump = gevent.spawn(self._pump, pipe)
         store = self._owner.store
         try:
-            store.upload(VerifiedReader(pipe, self.digest, self.size), self.digest, self.size)
+            reader = VerifiedReader(pipe, self.digest, self.size)
+            store.upload(reader, self.digest, self.size, canonical=self.canonical)
             self.result = "published"
             LOG.info("published %s to S3", self.digest)
         except UploadAborted as exc:
@@ -268,6 +286,7 @@ class Fill:
                     headers=tuple(self.headers),
                     state=state,
                     reason=reason,
+                    canonical=str(self.canonical) if self.canonical else None,
                 ),
             )
         except OSError as exc:  # their clients then see the fill stop: a short read
@@ -283,14 +302,15 @@ class Fill:
             self.spool.close()
 
 
-def _spool_and_hash(spool: Spool, hasher, chunk: bytes) -> SpoolError | None:
-    """Append chunk to the spool and the hash (in gevent's threadpool). A failed write is
+def _spool_and_hash(spool: Spool, hashers: list, chunk: bytes) -> SpoolError | None:
+    """Append chunk to the spool and to each hash (in gevent's threadpool). A failed write is
     returned, not raised: the threadpool would log a raised one as a traceback."""
     try:
         spool.append(chunk)
     except SpoolError as exc:
         return exc
-    hasher.update(chunk)
+    for hasher in hashers:
+        hasher.update(chunk)
     return None
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 STATE_VERSION = 1  # FillState's layout; a worker of another version's states are ignored
 _STATES = frozenset({"running", "verified", "broken", "refuted"})
-_FIELDS = frozenset({"version", "spool", "size", "headers", "state", "reason"})
+_FIELDS = frozenset({"version", "spool", "size", "headers", "state", "reason", "canonical"})
 
 
 class BadState(ValueError):
@@ -27,6 +27,8 @@ class FillState:
     headers: tuple[tuple[str, str], ...]  # the upstream's answer, for every client
     state: str  # running, verified, broken, or refuted (the upstream's bytes were wrong)
     reason: str | None = None  # why it broke
+    canonical: str | None = None  # the registry's digest of the blob in another algorithm, which
+    # the fill verifies too (issue #13 §6; evidence.py)
 
     def encode(self) -> bytes:
         """The state as its file holds it."""
@@ -37,6 +39,7 @@ class FillState:
             "headers": [list(pair) for pair in self.headers],
             "state": self.state,
             "reason": self.reason,
+            "canonical": self.canonical,
         }
         return json.dumps(record).encode()
 
@@ -56,7 +59,7 @@ class FillState:
         if record["version"] != STATE_VERSION:
             raise BadState(f"version {record['version']!r}, not {STATE_VERSION}")
         spool, size, headers = record["spool"], record["size"], record["headers"]
-        state, reason = record["state"], record["reason"]
+        state, reason, canonical = record["state"], record["reason"], record["canonical"]
         pattern = re.escape(spool_prefix) + r"[0-9a-f]{12}\.spool"
         if not (isinstance(spool, str) and re.fullmatch(pattern, spool)):
             raise BadState(f"spool {spool!r} is not this blob's")
@@ -66,7 +69,10 @@ class FillState:
             raise BadState("headers")
         if state not in _STATES or not (reason is None or isinstance(reason, str)):
             raise BadState(f"state {state!r}")
-        return cls(spool, size, tuple((name, value) for name, value in headers), state, reason)
+        if not (canonical is None or isinstance(canonical, str)):
+            raise BadState(f"canonical {canonical!r}")
+        pairs = tuple((name, value) for name, value in headers)
+        return cls(spool, size, pairs, state, reason, canonical)
 
 
 def _is_header(pair) -> bool:

@@ -43,6 +43,7 @@ class SharedFill:
         self.verified = False
         self.broken: str | None = None
         self.refuted = False
+        self.canonical: str | None = None  # the other digest the fill verifies (fillstate.py)
         self.progress = Event()
         self._fd: int | None = None
         self._spool_name: str | None = None
@@ -101,6 +102,7 @@ class SharedFill:
         except OSError as exc:  # not a file this worker may follow: the client fetches it
             raise UnusableState(str(exc)) from None
         self.size, self.headers, self._spool_name = state.size, list(state.headers), state.spool
+        self.canonical = state.canonical
         self._refresh()
         return True
 

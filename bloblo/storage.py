@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import boto3
@@ -23,6 +23,9 @@ LOG = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 CONTENT_TYPE = "application/octet-stream"
+# Object metadata: the digest of another algorithm the registry named for the blob, which the
+# bytes were verified against too when the object was published (issue #13 §6).
+CANONICAL = "canonical-digest"
 MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer while signing
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
 UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
@@ -54,6 +57,7 @@ class _Known:
     until: float  # monotonic seconds: ask S3 again after this (BLOBLO_CACHE_CHECK_SECONDS)
     size: int | None
     written: float  # epoch seconds when the object was last written (S3's LastModified)
+    canonical: str | None = None  # the object's CANONICAL metadata
 
 
 class RangeNotSatisfiable(Exception):
@@ -178,7 +182,8 @@ class BlobStore:
         except BotoCoreError as exc:
             self.report_failure(exc)
             return False
-        self._remember(digest, head["ContentLength"], head["LastModified"].timestamp())
+        written, canonical = head["LastModified"].timestamp(), head["Metadata"].get(CANONICAL)
+        self._remember(digest, head["ContentLength"], written, canonical)
         return True
 
     def size(self, digest: Digest) -> int | None:
@@ -186,12 +191,21 @@ class BlobStore:
         known = self._known.get(self.key(digest))
         return known.size if known else None
 
-    def _remember(self, digest: Digest, size: int | None, written: float) -> None:
-        """Record that the blob (size bytes, last written at epoch seconds written) is in the
-        bucket: S3 just said so."""
+    def canonical_digest(self, digest: Digest) -> str | None:
+        """The registry's digest of another algorithm that a blob the bucket was last seen to
+        hold was verified against too, as published with it (None: none, or not remembered)."""
+        known = self._known.get(self.key(digest))
+        return known.canonical if known else None
+
+    def _remember(
+        self, digest: Digest, size: int | None, written: float, canonical: str | None
+    ) -> None:
+        """Record that the blob (size bytes, last written at epoch seconds written, published
+        with the canonical digest given) is in the bucket: S3 just said so."""
         key = self.key(digest)
         self._answered_at = self._clock()
-        self._known[key] = _Known(self._answered_at + self._check_seconds, size, written)
+        until = self._answered_at + self._check_seconds
+        self._known[key] = _Known(until, size, written, canonical)
         self._known.move_to_end(key)
         while len(self._known) > KNOWN_BLOBS:
             self._known.popitem(last=False)
@@ -283,6 +297,8 @@ class BlobStore:
 
         Needs s3:GetObject and s3:PutObject; raises botocore's ClientError or BotoCoreError."""
         key = self.key(digest)
+        # A copy onto itself replaces the metadata: carry the object's own over.
+        metadata = self._client.head_object(Bucket=self._bucket, Key=key)["Metadata"]
         config = TransferConfig(
             multipart_threshold=largest_copy + 1,
             multipart_chunksize=largest_copy,
@@ -295,12 +311,16 @@ class BlobStore:
                 self._bucket,
                 key,
                 # S3 refuses a copy onto itself that changes nothing.
-                ExtraArgs={"MetadataDirective": "REPLACE", "ContentType": CONTENT_TYPE},
+                ExtraArgs={
+                    "MetadataDirective": "REPLACE",
+                    "ContentType": CONTENT_TYPE,
+                    "Metadata": metadata,
+                },
                 Config=config,
             )
         known = self._known.get(key)
         if known is not None:
-            self._known[key] = _Known(known.until, known.size, self._wall_clock())
+            self._known[key] = replace(known, written=self._wall_clock())
 
     def open(self, digest: Digest, byte_range: str | None) -> S3Object | None:
         """The blob's bytes (or the range asked for) from S3; None when S3 cannot serve them.
@@ -340,11 +360,22 @@ class BlobStore:
             ContentType=CONTENT_TYPE,
         )
 
-    def upload(self, fileobj: BinaryIO, digest: Digest, size: int | None) -> None:
+    def upload(
+        self,
+        fileobj: BinaryIO,
+        digest: Digest,
+        size: int | None,
+        canonical: Digest | None = None,
+    ) -> None:
         """Upload fileobj's bytes under the blob's key; publishes only if fileobj ends cleanly.
+        canonical, the registry's digest of another algorithm the bytes were verified against
+        too, is stored with the object (CANONICAL metadata).
 
         An exception from fileobj.read() aborts the upload: nothing appears under the key.
         """
+        extra = {"ContentType": CONTENT_TYPE}
+        if canonical is not None:
+            extra["Metadata"] = {CANONICAL: str(canonical)}
         part = part_size(size)
         config = TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=4, use_threads=True
@@ -355,10 +386,10 @@ class BlobStore:
                 fileobj,
                 self._bucket,
                 self.key(digest),
-                ExtraArgs={"ContentType": CONTENT_TYPE},
+                ExtraArgs=extra,
                 Config=config,
             )
-        self._remember(digest, size, self._wall_clock())
+        self._remember(digest, size, self._wall_clock(), str(canonical) if canonical else None)
 
 
 def presign_seconds(configured: int, credentials, now: float) -> int:

@@ -225,14 +225,22 @@ def release(response: requests.Response) -> None:
         response.close()
 
 
-def plain_length(answer: requests.Response) -> int | None:
-    """The length of a 200 that carries a blob's plain bytes (no Content-Encoding, a
-    Content-Length), else None: only such an answer can be verified and cached."""
+def plain_length(answer: requests.Response, known_size: int | None = None) -> int | None:
+    """The length in bytes of a 200 that carries a blob's plain bytes (no Content-Encoding),
+    else None: only such an answer can be verified and cached.
+
+    The length is the answer's Content-Length or, when it has none (a chunked body, as some
+    registries send blobs: containerd#5124), known_size (the blob's size learnt elsewhere, e.g.
+    from the authorizing HEAD; issue #13 §6). The fill then checks that the body is exactly
+    that long. A malformed Content-Length is never replaced by known_size.
+    """
     encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
-    length = answer.headers.get("Content-Length", "")
-    if answer.status_code != 200 or encoding != "identity" or not length.isdigit():
+    if answer.status_code != 200 or encoding != "identity":
         return None
-    return int(length)
+    length = answer.headers.get("Content-Length")
+    if length is None:
+        return known_size
+    return int(length) if length.isdigit() else None
 
 
 def _reason(exc: requests.RequestException) -> object:

@@ -234,9 +234,10 @@ class Warmer:
 
     def _begin(self, blob: Blob):
         """The running fill of blob: its GET answered with the blob's plain bytes, of the size
-        the manifest gives (OCI image-spec descriptor.md: size must match the content)."""
+        the manifest gives (OCI image-spec descriptor.md: size must match the content; a body
+        sent without Content-Length is taken at that size, and the fill checks it)."""
         answer = self._blob_answer(blob)
-        size = plain_length(answer)
+        size = plain_length(answer, blob.size)
         if size is None:
             body = _read(answer, ERROR_BYTES) if answer.status_code != 200 else b""
             release(answer)
@@ -292,7 +293,7 @@ def _refusal(answer: requests.Response, body: bytes, what: str) -> str:
         encoding = answer.headers.get("Content-Encoding")
         if encoding:
             return f"the registry sends the {what} with Content-Encoding {encoding}: not cacheable"
-        return f"the registry sends the {what} without Content-Length: not cacheable"
+        return f"the registry sends the {what} with a malformed Content-Length: not cacheable"
     try:
         errors = json.loads(body)["errors"]
         message = "; ".join(f"{e['code']}: {e['message']}" for e in errors)

@@ -55,6 +55,12 @@ def _head_answers(status: int, headers: list[tuple[str, str]]):
         pytest.param(lambda up, d: (200, []), id="200-without-digest"),
         pytest.param(lambda up, d: (200, blob_headers("sha256:" + "0" * 64, 5)), id="200-other"),
         pytest.param(lambda up, d: (200, blob_headers(d.upper(), 5)), id="200-digest-case"),
+        pytest.param(
+            lambda up, d: (200, blob_headers("md5:" + "0" * 32, 5)), id="200-unknown-algorithm"
+        ),
+        pytest.param(  # a canonical digest, but the object was not verified against it
+            lambda up, d: (200, blob_headers("sha512:" + "0" * 128, 5)), id="200-sha512-unpaired"
+        ),
         pytest.param(lambda up, d: (401, [("Www-Authenticate", 'Bearer realm="x"')]), id="401"),
         pytest.param(lambda up, d: (403, []), id="403"),
         pytest.param(lambda up, d: (404, []), id="404"),

@@ -131,7 +131,8 @@ def test_an_object_above_the_copy_limit_is_refreshed_in_parts(s3, bucket, monkey
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     data = os.urandom(11 * MIB)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    s3.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=data)
+    metadata = {"canonical-digest": "sha512:" + hashlib.sha512(data).hexdigest()}
+    s3.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=data, Metadata=metadata)
     written = _last_modified(s3, bucket, digest)
     time.sleep(1.1)
 
@@ -141,8 +142,24 @@ def test_an_object_above_the_copy_limit_is_refreshed_in_parts(s3, bucket, monkey
     assert head["ETag"].strip('"').endswith("-3")  # a multipart object of three parts
     assert head["LastModified"] > written
     assert head["ContentLength"] == len(data)
+    assert head["Metadata"] == metadata  # the pair a canonical digest is checked against
     assert cached(s3, bucket, digest) == data
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_refresh_keeps_the_objects_canonical_digest(s3, bucket, monkeypatch):
+    from bloblo.names import parse_digest
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    data = os.urandom(1000)
+    digest = "sha512:" + hashlib.sha512(data).hexdigest()
+    metadata = {"canonical-digest": "sha256:" + hashlib.sha256(data).hexdigest()}
+    s3.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=data, Metadata=metadata)
+
+    _store(s3, bucket).refresh(parse_digest(digest))
+
+    assert s3.client().head_object(Bucket=bucket, Key=blob_key(digest))["Metadata"] == metadata
 
 
 @pytest.fixture

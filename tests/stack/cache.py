@@ -33,8 +33,16 @@ def assert_nothing_published(s3: S3Server, bucket: str) -> None:
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def put_in_cache(s3: S3Server, bucket: str, data: bytes) -> str:
-    """Put data in the bucket as a cached blob, as bloblo would; return its digest."""
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    s3.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=data)
+def put_in_cache(
+    s3: S3Server,
+    bucket: str,
+    data: bytes,
+    algorithm: str = "sha256",
+    canonical: str | None = None,
+) -> str:
+    """Put data in the bucket as a cached blob under its `algorithm` digest, as bloblo would
+    (with the registry's `canonical` digest of it, when given); return its digest."""
+    digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+    metadata = {"canonical-digest": canonical} if canonical else {}
+    s3.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=data, Metadata=metadata)
     return digest

@@ -54,15 +54,17 @@ class RecordingStore:
 
     def __init__(self):
         self.published: dict[str, bytes] = {}
+        self.canonical: dict[str, Digest | None] = {}
 
     def available(self):
         return True
 
-    def upload(self, reader, digest, size):
+    def upload(self, reader, digest, size, canonical=None):
         parts = []
         while part := reader.read(8 * MIB):
             parts.append(part)
         self.published[str(digest)] = b"".join(parts)
+        self.canonical[str(digest)] = canonical
 
     def report_failure(self, exc):
         raise AssertionError(exc)
@@ -237,3 +239,35 @@ def test_a_held_upload_waits_for_a_quiet_host_and_goes_at_once_when_the_worker_s
     stop = gevent.spawn_later(0.3, fills.drain, 5)
     assert 0.25 < fills.hold.wait() < 2  # no longer held once the worker drains
     stop.join()
+
+
+# --- blobs without Content-Length, and canonical digests (issue #13 §6) -------------------------
+
+
+def test_a_body_longer_than_the_size_breaks_the_fill_before_it_spools_past_the_size(tmp_path):
+    store = RecordingStore()
+    _, fill = _fill(tmp_path, store, _chunks(DATA + b"more"))
+    with pytest.raises(AbortResponse):
+        _read(FillReader(fill, 0, len(DATA), hold_tail=True))
+    fill.done.wait(10)
+    assert store.published == {} and "more than" in fill.broken
+    assert fill.spool.written <= len(DATA)
+
+
+@pytest.mark.parametrize("canonical_matches", [True, False])
+def test_a_fill_with_a_canonical_digest_is_verified_only_when_both_digests_match(
+    canonical_matches, tmp_path
+):
+    store = RecordingStore()
+    digest = Digest("sha512", hashlib.sha512(DATA).hexdigest())
+    canonical = _digest(DATA if canonical_matches else b"other bytes")
+    fills = Fills(Settings(spool_dir=str(tmp_path)), store)
+    fill = fills.reserve(digest)
+    assert fill.begin(FakeResponse(_chunks()), len(DATA), [], canonical)
+    fill.done.wait(10)
+    if canonical_matches:
+        assert fill.verified and store.published == {str(digest): DATA}
+        assert store.canonical == {str(digest): canonical}
+    else:
+        assert not fill.verified and fill.result == "digest_mismatch"
+        assert store.published == {}
