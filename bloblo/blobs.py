@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import requests
+import urllib3
 from flask import Request, Response
 
 from . import metrics
@@ -240,16 +241,18 @@ class BlobPolicy:
         if any(name in req.headers for name in _CONDITIONAL):
             return self._uncached(req, target)
         if fill is None:
-            reserved = self._fills.reserve(blob.digest)
+            reserved = self._fills.reserve(blob.digest, evidence.canonical)
             if reserved is not None:
                 return self._start_fill(req, reserved, target, evidence)
             fill = self._fills.running(blob.digest)  # one began while S3 was asked
             if fill is None:  # BLOBLO_MAX_FILLS reached, or caching off
                 return self._uncached(req, target)
-        if not _may_join(fill, evidence):
-            return self._uncached(req, target)
-        # A joiner: its own HEAD authorized it already.
-        if fill.wait_started(self._settings.upstream_read_timeout):
+        # A joiner: its own HEAD authorized it already. Whether it may read this fill is known
+        # once the fill started (another worker's says then what it verifies); its spool may
+        # have been closed meanwhile (an ended fill, between this GET's looks at S3).
+        if fill.wait_started(self._settings.upstream_read_timeout) and fill.readable:
+            if not _may_join(fill, evidence):
+                return self._uncached(req, target)
             return self._from_fill(req, fill, target, joiner=True)
         if self._cached_for(evidence, blob):  # it ended, published, before we could join
             return self._from_cache(req, blob) or self._uncached(req, target)
@@ -258,14 +261,17 @@ class BlobPolicy:
     def _start_fill(self, req: Request, fill: Fill, target: str, evidence: Evidence) -> Response:
         """Ask the upstream for the blob and run fill on its answer; an answer that cannot
         be filled goes to the client as it is."""
+        upstream = None
         try:
             upstream = self._follow(req, "GET", target, drop=_NOT_IN_FILL, add=IDENTITY)
+            size = plain_length(upstream, evidence.size)
+            began = size is not None and fill.begin(upstream, size, upstream.raw.headers.items())
         except BaseException:  # also GreenletExit: joiners must not wait for it
             fill.cancel()
+            if upstream is not None:
+                release(upstream)
             raise
-        size = plain_length(upstream, evidence.size)
-        headers = upstream.raw.headers.items()
-        if size is None or not fill.begin(upstream, size, headers, evidence.canonical):
+        if not began:
             fill.cancel()
             if "Range" in req.headers:  # that answer was to a whole-blob GET, not the client's
                 release(upstream)
@@ -329,9 +335,13 @@ class BlobPolicy:
                     f"the upstream answered {answer.status_code} {content_range!r} to the rest "
                     f"of {digest} (bytes {start}-{stop - 1})"
                 )
-            for chunk in answer.raw.stream(CHUNK, decode_content=False):
-                _passed_through(len(chunk))
-                yield chunk
+            try:
+                for chunk in answer.raw.stream(CHUNK, decode_content=False):
+                    _passed_through(len(chunk))
+                    yield chunk
+            except (OSError, urllib3.exceptions.HTTPError) as exc:  # cut off, timed out
+                reason = f"the upstream broke off the rest of {digest}: {type(exc).__name__}"
+                raise AbortResponse(reason) from None
         finally:
             release(answer)
 

@@ -37,7 +37,7 @@ def evidence_of(requested: Digest, named: str | None, length: str | None) -> Evi
         return None
     if digest != requested and digest.algorithm == requested.algorithm:
         return None
-    size = int(length) if length is not None and length.isdigit() else None
+    size = int(length) if length is not None and length.isascii() and length.isdigit() else None
     return Evidence(None if digest == requested else digest, size)
 
 

@@ -49,13 +49,19 @@ class Fill:
     named spool in the host's other workers (host.py); `broken` says why the download failed.
     """
 
-    def __init__(self, digest: Digest, owner: Fills, shared_path: str | None = None):
+    def __init__(
+        self,
+        digest: Digest,
+        owner: Fills,
+        shared_path: str | None = None,
+        canonical: Digest | None = None,
+    ):
         self.digest = digest
         self.size = 0
         self.headers: list[tuple[str, str]] = []  # the upstream's answer, for every client
         self.spool: Spool | None = None
         self.verified = False  # every byte is in the spool and hashes to the digest(s)
-        self.canonical: Digest | None = None  # the registry's other digest of it (evidence.py)
+        self.canonical = canonical  # the registry's other digest of it (evidence.py)
         self.broken: str | None = None
         self.result: str | None = None  # published, digest_mismatch, aborted, failed
         self.done = Event()  # download and upload are over
@@ -68,21 +74,16 @@ class Fill:
 
     # -- the client that starts it -------------------------------------------------------------
 
-    def begin(
-        self,
-        response: requests.Response,
-        size: int,
-        headers,
-        canonical: Digest | None = None,
-    ) -> bool:
+    def begin(self, response: requests.Response, size: int, headers) -> bool:
         """Run the fill on response (a 200 of size plain bytes); False (nothing started) when
         the blob cannot be spooled: no room in the spool budget or on the spool's disk (counted
         in bloblo_fills_skipped_total, and logged once per digest: issue #13 §3), or no spool
         file can be made.
 
         The fill is verified only when exactly size bytes came and they hash to the digest and,
-        when given, to canonical too (the digest of another algorithm the registry named for
-        the blob; it is stored with the object: issue #13 §6)."""
+        when the fill was reserved with one, to its canonical digest too (the digest of another
+        algorithm the registry named for the blob; it is stored with the object: issue #13
+        §6)."""
         budget = self._owner.budget
         try:
             self.spool = open_spool(self._owner.spool_dir, size, budget, self._shared_path)
@@ -95,7 +96,7 @@ class Fill:
         if self.spool is None:
             _skipped(self.digest, "spool_budget", budget.shortfall(size))
             return False
-        self.size, self.headers, self.canonical = size, list(headers), canonical
+        self.size, self.headers = size, list(headers)
         self._share("running")
         metrics.FILLS_IN_PROGRESS.inc()
         gevent.spawn(self._run, response)
@@ -116,6 +117,11 @@ class Fill:
         return self._started.wait(timeout) and self.spool is not None
 
     # The reading interface (readers.FillView).
+
+    @property
+    def readable(self) -> bool:
+        """Whether its spool is open: a reader that attaches now keeps it so."""
+        return self.spool is not None and not self.spool.closed
 
     @property
     def refuted(self) -> bool:
@@ -353,9 +359,10 @@ class Fills:
         if self._shared.get(str(fill.digest)) is fill:
             del self._shared[str(fill.digest)]
 
-    def reserve(self, digest: Digest) -> Fill | None:
-        """A new fill for digest, reserved before its upstream GET is sent so that concurrent
-        clients join it; None when one runs already or BLOBLO_MAX_FILLS are running."""
+    def reserve(self, digest: Digest, canonical: Digest | None = None) -> Fill | None:
+        """A new fill for digest (verified against canonical too, when given), reserved before
+        its upstream GET is sent so that concurrent clients join it; None when one runs
+        already or BLOBLO_MAX_FILLS are running."""
         key = str(digest)
         if key in self._running or len(self._running) >= self._max:
             return None
@@ -364,7 +371,7 @@ class Fills:
             shared_path = self.host.claim(digest)
             if shared_path is None:  # another worker of the host has just started it
                 return None
-        fill = self._running[key] = Fill(digest, self, shared_path)
+        fill = self._running[key] = Fill(digest, self, shared_path, canonical)
         return fill
 
     def forget(self, fill: Fill) -> None:

@@ -53,8 +53,9 @@ class SharedFill:
         self._starting: gevent.Greenlet | None = None
 
     @property
-    def following(self) -> bool:
-        """Whether this worker still holds a descriptor of the other worker's spool."""
+    def readable(self) -> bool:
+        """Whether this worker still holds a descriptor of the other worker's spool: a reader
+        that attaches now keeps it open."""
         return self._fd is not None
 
     def wait_started(self, timeout: float) -> bool:

@@ -44,6 +44,7 @@ class FillView(Protocol):
     broken: str | None  # why the fill failed, or None
     refuted: bool  # it failed because the upstream's bytes do not hash to the digest
     progress: Event  # set (and replaced) whenever written, verified or broken move
+    readable: bool  # its spool is open: a reader that attaches now keeps it so
 
     def attach(self) -> None:
         """One more reader: the spool stays open until it detaches."""
@@ -131,30 +132,36 @@ class FillReader:
             )
 
     def _from_upstream(self) -> Iterator[bytes]:
-        """The rest of the range from the upstream; with hold_tail the whole blob is hashed
-        (the spool's bytes first) and the last TAIL bytes go only if it is the blob."""
+        """The rest of the range from the upstream. With hold_tail the whole blob is hashed:
+        what the spool holds (at most up to the reader's position), then the upstream's bytes
+        from there, of which only those from the reader's position on are sent; the last
+        TAIL bytes go only if the blob hashes to its digest."""
         fill, turns = self._fill, Turns()
-        hasher = fill.digest.hasher() if self._hold_tail else None
-        if hasher is not None:  # what the spool holds, before the upstream's rest
-            for offset in range(0, self._position, CHUNK):
-                hasher.update(fill.read_spool(offset, min(CHUNK, self._position - offset)))
+        hasher, ask_from = None, self._position
+        if self._hold_tail:
+            hasher, ask_from = fill.digest.hasher(), min(self._position, fill.written)
+            for offset in range(0, ask_from, CHUNK):
+                hasher.update(fill.read_spool(offset, min(CHUNK, ask_from - offset)))
                 turns.give()
-        held = bytearray()
-        received = 0
-        for chunk in self._resume(self._position, self._stop):
+        rest = self._resume(ask_from, self._stop) if ask_from < self._stop else iter(())
+        skip, held, received = self._position - ask_from, bytearray(), 0
+        for chunk in rest:
             received += len(chunk)
-            if received > self._stop - self._position:
+            if received > self._stop - ask_from:
                 raise AbortResponse(f"the upstream sent more of {fill.digest} than asked")
             if hasher is None:
                 yield chunk
                 continue
             hasher.update(chunk)
+            if skip:  # bytes the client had from a range's start: hashed, not sent
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
             held += chunk
             if len(held) > TAIL:
                 out = bytes(held[:-TAIL])
                 del held[:-TAIL]
                 yield out
-        if received != self._stop - self._position:
+        if received != self._stop - ask_from:
             raise AbortResponse(f"the upstream sent {received} of the rest of {fill.digest}")
         if hasher is not None and hasher.hexdigest() != fill.digest.hex:
             raise AbortResponse(f"the upstream's rest of {fill.digest} makes a wrong blob")

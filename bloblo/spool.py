@@ -124,6 +124,11 @@ class Spool:
             raise SpoolError(f"spool read {len(data)} of {size} bytes at {offset}")
         return data
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() freed the file."""
+        return self._fd < 0
+
     def fileno(self) -> int:
         """The spool file's descriptor (for splice(2)); valid until close()."""
         return self._fd

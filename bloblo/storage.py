@@ -168,6 +168,7 @@ class BlobStore:
             return False
         if self._remembered(key) and self._clock() - self._answered_at < TRUST_SECONDS:
             return True
+        known_before = self._known.get(key)
         try:
             with metrics.S3_DURATION.labels("head_object").time():
                 head = self._client.head_object(Bucket=self._bucket, Key=key)
@@ -177,7 +178,8 @@ class BlobStore:
                 self.report_failure(exc)
             else:
                 self._answered_at = self._clock()
-                self._known.pop(key, None)
+                if self._known.get(key) is known_before:  # not an upload's, made meanwhile
+                    self._known.pop(key, None)
             return False
         except BotoCoreError as exc:
             self.report_failure(exc)

@@ -240,7 +240,7 @@ def plain_length(answer: requests.Response, known_size: int | None = None) -> in
     length = answer.headers.get("Content-Length")
     if length is None:
         return known_size
-    return int(length) if length.isdigit() else None
+    return int(length) if length.isascii() and length.isdigit() else None
 
 
 def _reason(exc: requests.RequestException) -> object:

@@ -262,8 +262,8 @@ def test_a_fill_with_a_canonical_digest_is_verified_only_when_both_digests_match
     digest = Digest("sha512", hashlib.sha512(DATA).hexdigest())
     canonical = _digest(DATA if canonical_matches else b"other bytes")
     fills = Fills(Settings(spool_dir=str(tmp_path)), store)
-    fill = fills.reserve(digest)
-    assert fill.begin(FakeResponse(_chunks()), len(DATA), [], canonical)
+    fill = fills.reserve(digest, canonical)
+    assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
     fill.done.wait(10)
     if canonical_matches:
         assert fill.verified and store.published == {str(digest): DATA}
@@ -271,3 +271,16 @@ def test_a_fill_with_a_canonical_digest_is_verified_only_when_both_digests_match
     else:
         assert not fill.verified and fill.result == "digest_mismatch"
         assert store.published == {}
+
+
+def test_a_fill_knows_its_canonical_digest_from_its_reservation_and_says_when_its_spool_closed(
+    tmp_path,
+):
+    digest = Digest("sha512", hashlib.sha512(DATA).hexdigest())
+    fills = Fills(Settings(spool_dir=str(tmp_path)), RecordingStore())
+    fill = fills.reserve(digest, _digest(DATA))
+    assert fill.canonical == _digest(DATA)  # before it began: its first joiners may check it
+    assert fill.begin(FakeResponse(_chunks()), len(DATA), [])
+    assert fill.readable
+    fill.done.wait(10)
+    assert not fill.readable  # over, and read by no one: a late joiner must not attach

@@ -154,7 +154,7 @@ def test_a_worker_follows_another_workers_fill_once_for_all_its_clients(filler, 
     filler("release")
     assert [r.get(timeout=5) for r in readers] == [DATA, DATA]
     gevent.sleep(0.05)  # the follower sees the end and closes its descriptor
-    assert not first.following
+    assert not first.readable
     assert fills.running(DIGEST) is None  # over: nothing to follow, nothing filled elsewhere
 
 
@@ -396,3 +396,9 @@ def test_what_a_killed_worker_left_is_pruned_at_start_up_and_on_a_timer(tmp_path
     gevent.sleep(1.2)  # young is older than PRUNE_SECONDS now: the timer takes it
     assert not young.exists() and other_ns.exists()
     host.close()
+
+
+def test_a_state_carries_the_canonical_digest_its_fill_verifies():
+    prefix = f"bloblo-fill-{NS}-{DIGEST.hex}-"
+    state = FillState(f"{prefix}{'e' * 12}.spool", 5, (("A", "b"),), "running", None, "sha256:ab")
+    assert FillState.parse(state.encode(), prefix) == state

@@ -24,8 +24,11 @@ HALF = len(DATA) // 2
 class FakeFill:
     """A fill that has written `written` bytes of DATA (readers.FillView)."""
 
-    def __init__(self, written: int, broken: str | None = None, refuted: bool = False):
-        self.digest, self.size, self.written = DIGEST, len(DATA), written
+    def __init__(
+        self, written: int, broken: str | None = None, refuted: bool = False, data: bytes = DATA
+    ):
+        self.data, self.digest = data, Digest("sha256", hashlib.sha256(data).hexdigest())
+        self.size, self.written, self.readable = len(data), written, True
         self.verified, self.broken, self.refuted = False, broken, refuted
         self.progress = Event()
         self.readers = 0
@@ -37,8 +40,9 @@ class FakeFill:
         self.readers -= 1
 
     def read_spool(self, position: int, count: int) -> bytes:
-        assert position + count <= self.written
-        return DATA[position : position + count]
+        if position + count > self.written:  # as the spools do
+            raise AbortResponse(f"read of {position}+{count} past the {self.written} written")
+        return self.data[position : position + count]
 
 
 class Upstream:
@@ -116,3 +120,18 @@ def test_a_fill_that_stops_moving_is_left_for_the_upstream(monkeypatch):
     reading = gevent.spawn(_read, FillReader(fill, 0, len(DATA), True, upstream))
     assert reading.get(timeout=5) == DATA
     assert upstream.asked == [(HALF, len(DATA))]
+
+
+def test_a_range_to_the_end_that_starts_past_what_the_fill_got_is_resumed_from_there():
+    # containerd's `bytes=N-` chunks join a fill that then breaks before reaching N.
+    fill, upstream = FakeFill(readers_module.CHUNK, broken="cut off"), Upstream()
+    start = 2 * readers_module.CHUNK + 10
+    assert _read(FillReader(fill, start, len(DATA), True, upstream)) == DATA[start:]
+    # Asked from what the spool holds: the blob is hashed whole before its tail goes.
+    assert upstream.asked == [(readers_module.CHUNK, len(DATA))]
+
+
+def test_an_empty_blob_whose_fill_broke_asks_the_upstream_nothing():
+    fill, upstream = FakeFill(0, broken="cut off", data=b""), Upstream(b"")
+    assert _read(FillReader(fill, 0, 0, True, upstream)) == b""
+    assert upstream.asked == []
