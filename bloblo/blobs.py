@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import requests
-import urllib3
 from flask import Request, Response
 
 from . import metrics
@@ -26,7 +25,7 @@ from .grants import Grants
 from .headers import Headers
 from .logs import OUTCOME
 from .names import BlobRef, Digest
-from .proxy import CHUNK, Forwarder, client_of, raw_target
+from .proxy import CHUNK, Forwarder, client_of, raw_body, raw_target
 from .ranges import single_range
 from .readers import FillReader
 from .storage import BlobStore, RangeNotSatisfiable
@@ -323,27 +322,21 @@ class BlobPolicy:
             )
         except RegistryError as exc:
             raise AbortResponse(f"the rest of {digest} from the upstream: {exc}") from None
-        try:
-            content_range = answer.headers.get("Content-Range", "")
-            encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
-            if (
-                answer.status_code != 206
-                or encoding != "identity"
-                or not content_range.startswith(f"bytes {start}-{stop - 1}/")
-            ):
-                raise AbortResponse(
-                    f"the upstream answered {answer.status_code} {content_range!r} to the rest "
-                    f"of {digest} (bytes {start}-{stop - 1})"
-                )
-            try:
-                for chunk in answer.raw.stream(CHUNK, decode_content=False):
-                    _passed_through(len(chunk))
-                    yield chunk
-            except (OSError, urllib3.exceptions.HTTPError) as exc:  # cut off, timed out
-                reason = f"the upstream broke off the rest of {digest}: {type(exc).__name__}"
-                raise AbortResponse(reason) from None
-        finally:
+        content_range = answer.headers.get("Content-Range", "")
+        encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
+        if (
+            answer.status_code != 206
+            or encoding != "identity"
+            or not content_range.startswith(f"bytes {start}-{stop - 1}/")
+        ):
             release(answer)
+            raise AbortResponse(
+                f"the upstream answered {answer.status_code} {content_range!r} to the rest "
+                f"of {digest} (bytes {start}-{stop - 1})"
+            )
+        for chunk in raw_body(answer):  # released at its end; cut off: a short read
+            _passed_through(len(chunk))
+            yield chunk
 
     def _uncached(self, req: Request, target: str, outcome: str = "upstream") -> Response:
         """The upstream's own answer to the client's GET, passed through (clients verify it)."""
@@ -361,9 +354,7 @@ def _outcome(req: Request, outcome: str) -> None:
 def _may_join(fill: Fill | SharedFill, evidence: Evidence) -> bool:
     """Whether a client with this evidence may read the fill: one whose HEAD named a canonical
     digest only a fill that verifies that same digest (issue #13 §6)."""
-    if evidence.canonical is None:
-        return True
-    return fill.canonical is not None and str(fill.canonical) == str(evidence.canonical)
+    return evidence.canonical is None or fill.canonical == evidence.canonical
 
 
 def _passed_through(count: int) -> None:

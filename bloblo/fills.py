@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
 
 import gevent
 import requests
+from cachetools import LRUCache
 from gevent.event import Event
 
 from . import metrics
@@ -397,7 +397,7 @@ class Fills:
 
 
 SKIPS_LOGGED = 1024  # digests whose skipped fill a worker remembers having logged
-_skips_logged: OrderedDict[tuple[str, str], None] = OrderedDict()  # (reason, digest), LRU
+_skips_logged: LRUCache = LRUCache(SKIPS_LOGGED)  # (reason, digest) -> True
 
 
 def _skipped(digest: Digest, reason: str, why: str) -> None:
@@ -405,10 +405,7 @@ def _skipped(digest: Digest, reason: str, why: str) -> None:
     first time this worker meets the digest for that reason (a pull retries, clients repeat)."""
     metrics.FILLS_SKIPPED.labels(reason).inc()
     key = (reason, str(digest))
-    if key in _skips_logged:
-        _skips_logged.move_to_end(key)
+    if _skips_logged.get(key):  # (a get counts as a use: the least recently met go first)
         return
-    _skips_logged[key] = None
-    while len(_skips_logged) > SKIPS_LOGGED:
-        _skips_logged.popitem(last=False)
+    _skips_logged[key] = True
     LOG.warning("%s is streamed uncached, not spooled: %s", digest, why)

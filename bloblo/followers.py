@@ -15,7 +15,7 @@ from gevent.event import Event
 from .errors import AbortResponse
 from .fillstate import FillState
 from .host import HostFills, UnusableState
-from .names import Digest
+from .names import Digest, parse_digest
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SharedFill:
         self.verified = False
         self.broken: str | None = None
         self.refuted = False
-        self.canonical: str | None = None  # the other digest the fill verifies (fillstate.py)
+        self.canonical: Digest | None = None  # the other digest the fill verifies (fillstate.py)
         self.progress = Event()
         self._fd: int | None = None
         self._spool_name: str | None = None
@@ -103,7 +103,7 @@ class SharedFill:
         except OSError as exc:  # not a file this worker may follow: the client fetches it
             raise UnusableState(str(exc)) from None
         self.size, self.headers, self._spool_name = state.size, list(state.headers), state.spool
-        self.canonical = state.canonical
+        self.canonical = parse_digest(state.canonical) if state.canonical else None
         self._refresh()
         return True
 
