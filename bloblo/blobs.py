@@ -241,6 +241,9 @@ class BlobPolicy:
             return self._uncached(req, target)
         if fill is None:
             reserved = self._fills.reserve(blob.digest, evidence.canonical)
+            if reserved is not None and self._published_meanwhile(reserved, evidence, blob):
+                reserved.cancel()
+                return self._from_cache(req, blob) or self._uncached(req, target)
             if reserved is not None:
                 return self._start_fill(req, reserved, target, evidence)
             fill = self._fills.running(blob.digest)  # one began while S3 was asked
@@ -256,6 +259,13 @@ class BlobPolicy:
         if self._cached_for(evidence, blob):  # it ended, published, before we could join
             return self._from_cache(req, blob) or self._uncached(req, target)
         return self._uncached(req, target)
+
+    def _published_meanwhile(self, reserved: Fill, evidence: Evidence, blob: BlobRef) -> bool:
+        """Whether a fill of the blob that ended verified while S3 was asked (in another worker
+        of the host, or in this one: this worker then saw the bucket hold it) published it:
+        S3 once more instead of a second fill (issue #14: a herd of a small blob)."""
+        ended = reserved.after_verified or self._store.size(blob.digest) is not None
+        return ended and self._cached_for(evidence, blob)
 
     def _start_fill(self, req: Request, fill: Fill, target: str, evidence: Evidence) -> Response:
         """Ask the upstream for the blob and run fill on its answer; an answer that cannot

@@ -64,6 +64,8 @@ class Fill:
         self.canonical = canonical  # the registry's other digest of it (evidence.py)
         self.broken: str | None = None
         self.result: str | None = None  # published, digest_mismatch, aborted, failed
+        # Reserved just after another worker's fill of the blob ended verified (reserve).
+        self.after_verified = False
         self.done = Event()  # download and upload are over
         self._owner = owner
         self._shared_path = shared_path  # the spool's name for the host's other workers
@@ -366,12 +368,14 @@ class Fills:
         key = str(digest)
         if key in self._running or len(self._running) >= self._max:
             return None
-        shared_path = None
+        claim = None
         if self.host is not None:
-            shared_path = self.host.claim(digest)
-            if shared_path is None:  # another worker of the host has just started it
+            claim = self.host.claim(digest)
+            if claim is None:  # another worker of the host has just started it
                 return None
-        fill = self._running[key] = Fill(digest, self, shared_path, canonical)
+        fill = Fill(digest, self, claim.spool_path if claim else None, canonical)
+        fill.after_verified = claim is not None and claim.after_verified
+        self._running[key] = fill
         return fill
 
     def forget(self, fill: Fill) -> None:

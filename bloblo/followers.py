@@ -20,6 +20,7 @@ from .names import Digest, parse_digest
 LOG = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.005  # how often a follower looks at another worker's fill
+UPLOAD_WATCH_SECONDS = 0.05  # how often, once it is verified, until its worker lets it go
 CLOSE_GRACE_SECONDS = 1.0  # a followed fill that ended keeps its descriptor this long unread
 
 
@@ -51,6 +52,7 @@ class SharedFill:
         self._host = host
         self._on_start, self._on_close = on_start, on_close
         self._starting: gevent.Greenlet | None = None
+        self._let_go = False  # its worker no longer holds it (uploaded, or gave up)
 
     @property
     def readable(self) -> bool:
@@ -132,7 +134,10 @@ class SharedFill:
     # -- following the other worker -------------------------------------------------------------
 
     def _close_if_unused(self) -> None:
-        if self._readers == 0 and (self.verified or self.broken):
+        """Close the descriptor once no reader is left and the fill is over: broken, or
+        verified and let go by its worker. Until then a client that found it a moment ago
+        (while it asked S3) can still join it, as it can a fill of this worker's own."""
+        if self._readers == 0 and (self.broken or (self.verified and self._let_go)):
             self._close()
 
     def _close(self) -> None:
@@ -177,6 +182,11 @@ class SharedFill:
         except (OSError, TypeError) as exc:  # the descriptor went: nothing more to follow
             self.broken = self.broken or f"cannot follow the fill: {exc}"
             self._notify()
+        # Verified: its worker uploads it now. Readable until that is over (issue #14: a
+        # client of a herd found the descriptor closed under it and read the registry).
+        while self.verified and self._fd is not None and self._host.filled_elsewhere(self.digest):
+            gevent.sleep(UPLOAD_WATCH_SECONDS)
+        self._let_go = True
         # Not at once: a client whose wait_started() just answered True makes its reader
         # after this greenlet's turn (a blob verified before anyone read it).
         gevent.spawn_later(CLOSE_GRACE_SECONDS, self._close_if_unused)

@@ -31,6 +31,7 @@ import os
 import re
 import struct
 import time
+from dataclasses import dataclass
 
 import gevent
 
@@ -46,6 +47,16 @@ STATE_GRACE_SECONDS = 2.0  # a fill's state outlives it this long: its followers
 BUSY_BYTE = 1 << 60  # past every digest's byte (_offset takes 60 bits)
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
 _LEGACY_TEMPORARY = ".bloblo-state-"  # bloblo before issue #13 wrote states through these
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This worker fills a blob for the host: its spool's path, and whether the blob's last
+    fill ended verified moments ago (its state was still there): then the bucket may hold the
+    blob already, published after this worker asked S3."""
+
+    spool_path: str
+    after_verified: bool = False
 
 
 class UnusableState(Exception):
@@ -72,21 +83,23 @@ class HostFills:
 
     # -- the worker that fills ------------------------------------------------------------------
 
-    def claim(self, digest: Digest) -> str | None:
-        """Take the blob's lock: the path of a new spool file when this worker now fills the
-        blob for the host (what an earlier fill of it left is removed), None when another
-        worker fills it. Anything raised on the way leaves the lock and the claim released."""
+    def claim(self, digest: Digest) -> Claim | None:
+        """Take the blob's lock: a Claim (the path of a new spool file) when this worker now
+        fills the blob for the host (what an earlier fill of it left is removed), None when
+        another worker fills it. Anything raised on the way leaves the lock and the claim
+        released."""
         if not self._lock(digest):
             return None
         self._claimed.add(digest.hex)
         try:
-            self._remove_fill_of(digest)
+            earlier = self._remove_fill_of(digest)
         except BaseException:
             self._claimed.discard(digest.hex)
             self._unlock(digest)
             raise
         name = f"{self._spool_prefix(digest)}{os.urandom(6).hex()}.spool"
-        return os.path.join(self.directory, name)
+        verified = earlier is not None and earlier.state == "verified"
+        return Claim(os.path.join(self.directory, name), after_verified=verified)
 
     def release(self, digest: Digest, spool_path: str | None) -> None:
         """The fill is over: drop the spool's name (readers keep their descriptors) and the
@@ -141,7 +154,12 @@ class HostFills:
     def busy_elsewhere(self) -> bool:
         """Whether another worker of the host is busy with fills now (F_GETLK: asks, takes
         nothing, and never sees this worker's own locks)."""
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, BUSY_BYTE, 1, 0)
+        return self._held_elsewhere(BUSY_BYTE)
+
+    def _held_elsewhere(self, offset: int) -> bool:
+        """Whether another process holds a lock on the lock file's byte at offset (F_GETLK:
+        asks, takes nothing, and never sees this process's own locks)."""
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
         try:
             answer = fcntl.fcntl(self._lock_fd, fcntl.F_GETLK, query)
         except OSError:
@@ -151,13 +169,15 @@ class HostFills:
     # -- the workers that follow ------------------------------------------------------------------
 
     def filled_elsewhere(self, digest: Digest) -> bool:
-        """Whether another worker of the host holds the blob's lock (fills it now)."""
-        if digest.hex in self._claimed:  # ours: probing would release it (POSIX locks)
+        """Whether another worker of the host holds the blob's lock (fills it now).
+
+        Asks with F_GETLK, which takes nothing: a lock taken to look would make another
+        worker's claim of the blob fail at that instant, and its client pass through uncached
+        (issue #14: two workers looking at each other's claims made a herd read a blob from
+        the registry five times)."""
+        if digest.hex in self._claimed:  # ours: F_GETLK does not see this process's locks
             return False
-        if not self._lock(digest, exclusive=False):
-            return True
-        self._unlock(digest)
-        return False
+        return self._held_elsewhere(_offset(digest))
 
     def state(self, digest: Digest) -> FillState | None:
         """The blob's last published state; None when there is none.
@@ -214,10 +234,9 @@ class HostFills:
     def _state_path(self, digest: Digest) -> str:
         return os.path.join(self.directory, f"bloblo-fill-{self._ns}-{digest.hex}.json")
 
-    def _lock(self, digest: Digest, exclusive: bool = True) -> bool:
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    def _lock(self, digest: Digest) -> bool:
         try:
-            fcntl.lockf(self._lock_fd, mode | fcntl.LOCK_NB, 1, _offset(digest))
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _offset(digest))
         except OSError:  # EAGAIN or EACCES: another process holds it
             return False
         return True
@@ -225,13 +244,14 @@ class HostFills:
     def _unlock(self, digest: Digest) -> None:
         fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, _offset(digest))
 
-    def _remove_fill_of(self, digest: Digest) -> None:
+    def _remove_fill_of(self, digest: Digest) -> FillState | None:
         """Remove what an earlier fill of the blob left (its state, and the spool of a worker
-        that was killed); the caller holds the blob's lock."""
+        that was killed) and return its state; the caller holds the blob's lock."""
         state = self.usable_state(digest)
         if state is not None:
             self._remove(os.path.join(self.directory, state.spool))
         self._remove(self._state_path(digest))
+        return state
 
     def _remove_unless_filled(self, digest: Digest, path: str) -> None:
         """Remove a file of the blob's fills unless a worker of the host fills it now."""

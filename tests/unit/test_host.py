@@ -4,6 +4,7 @@ a joiner in this one. POSIX locks only conflict between processes, so the filler
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -19,7 +20,7 @@ from bloblo import readers as readers_module
 from bloblo.config import Settings
 from bloblo.errors import AbortResponse
 from bloblo.fillstate import FillState
-from bloblo.followers import SharedFill
+from bloblo.followers import CLOSE_GRACE_SECONDS, SharedFill
 from bloblo.host import HostFills
 from bloblo.names import Digest
 from bloblo.readers import FillReader
@@ -34,8 +35,9 @@ OTHER_NS = Settings(s3_bucket="another-bucket").namespace
 def _filler(directory: str, commands, done) -> None:
     """A worker that fills DIGEST step by step, as the parent tells it."""
     host = HostFills(directory, NS)
-    path = host.claim(DIGEST)
-    done.send(path is not None)
+    claim = host.claim(DIGEST)
+    done.send(claim is not None)
+    path = claim.spool_path
     state = FillState(os.path.basename(path), len(DATA), (("A", "b"),), "running")
     with open(path, "xb", buffering=0) as spool:
         for command in iter(commands.recv, "stop"):
@@ -195,7 +197,7 @@ def test_being_busy_leaves_the_digest_locks_alone(filler, tmp_path):
 
 def _filled_and_released(host: HostFills) -> str:
     """Fill DIGEST in this process (its spool and state), end the fill; the spool's name."""
-    path = host.claim(DIGEST)
+    path = host.claim(DIGEST).spool_path
     with open(path, "xb") as spool:
         spool.write(DATA)
     host.publish(DIGEST, FillState(os.path.basename(path), len(DATA), (), "verified"))
@@ -402,3 +404,40 @@ def test_a_state_carries_the_canonical_digest_its_fill_verifies():
     prefix = f"bloblo-fill-{NS}-{DIGEST.hex}-"
     state = FillState(f"{prefix}{'e' * 12}.spool", 5, (("A", "b"),), "running", None, "sha256:ab")
     assert FillState.parse(state.encode(), prefix) == state
+
+
+def test_a_verified_fill_stays_readable_for_a_late_client_until_its_worker_lets_it_go(
+    filler, tmp_path
+):
+    """Issue #14: a client that found a followed fill while its S3 lookup ran must still find
+    it readable once its last reader left, as long as the other worker holds it (uploads)."""
+    fill = SharedFill(DIGEST, HostFills(str(tmp_path), NS))
+    filler("half")
+    assert fill.wait_started(5)
+    filler("rest")
+    filler("verified")
+    assert _read(fill) == DATA  # the last reader leaves the verified fill
+    gevent.sleep(CLOSE_GRACE_SECONDS + 0.2)
+    assert fill.readable and _read(fill) == DATA  # the upload still runs: a late client joins
+    filler("release")
+    assert poll_greenlets(lambda: not fill.readable, 5)  # let go: closed after the grace
+
+
+def test_looking_at_another_workers_fill_takes_no_lock_a_claim_could_meet(tmp_path, monkeypatch):
+    """Issue #14: a lock taken to look made another worker's claim of the blob fail at that
+    instant, and its client read the registry instead of the fill."""
+    host = HostFills(str(tmp_path), NS)
+    taken = []
+    monkeypatch.setattr(fcntl, "lockf", lambda *args: taken.append(args))
+    assert not host.filled_elsewhere(DIGEST)
+    assert taken == []
+
+
+def poll_greenlets(predicate, timeout: float) -> bool:
+    """Let gevent run until predicate() is true (or timeout seconds pass)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.05)
+    return True
