@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import boto3
+import cachetools
 import gevent
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -30,6 +31,10 @@ MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer whil
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
 UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
 KNOWN_BLOBS = 100_000  # positive lookups remembered per worker
+# A presigned URL is handed out again while this little of its life is spent (issue #14).
+PRESIGN_REUSE_FRACTION = 0.05
+PRESIGN_REUSE_SECONDS = 60.0
+PRESIGNED_KEPT = 10_000  # URLs kept per worker for that, least recently used first
 # CopyObject copies at most 5 GiB; a larger object is copied in parts of this size.
 MAX_COPY = 5 * 1024 * MIB
 REFRESH_RETRY_SECONDS = 300.0  # after a failed refresh of a blob, a worker waits this long
@@ -107,6 +112,8 @@ class BlobStore:
         metrics.S3_AVAILABLE.set(1)
         self._answered_at = float("-inf")
         self._known: OrderedDict[str, _Known] = OrderedDict()
+        # key: (URL, wall-clock time until which it is handed out again)
+        self._presigned: cachetools.LRUCache = cachetools.LRUCache(PRESIGNED_KEPT)
         session = boto3.session.Session(
             aws_access_key_id=settings.s3_access_key,
             aws_secret_access_key=settings.s3_secret_key,
@@ -242,12 +249,23 @@ class BlobStore:
         """A SigV4 URL that GETs the blob, valid for BLOBLO_PRESIGN_EXPIRES seconds, or less:
         never beyond the expiry of the temporary credentials that sign it (issue #8, part 6).
 
+        The same URL is handed out again while at most PRESIGN_REUSE_FRACTION of its life
+        (and PRESIGN_REUSE_SECONDS) is spent: every client gets at least 95% of the expiry,
+        and a warm GET costs no signature most of the time (issue #14: botocore's presign
+        was 15% of a warm redirect's CPU).
+
         Raises botocore's NoCredentialsError when there are no credentials."""
-        return self._presigner.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self._bucket, "Key": self.key(digest)},
-            ExpiresIn=presign_seconds(self._expires, self._credentials, self._wall_clock()),
+        now, key = self._wall_clock(), self.key(digest)
+        kept = self._presigned.get(key)
+        if kept is not None and now < kept[1]:
+            return kept[0]
+        seconds = presign_seconds(self._expires, self._credentials, now)
+        url = self._presigner.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": key}, ExpiresIn=seconds
         )
+        reuse = min(PRESIGN_REUSE_SECONDS, seconds * PRESIGN_REUSE_FRACTION)
+        self._presigned[key] = (url, now + reuse)
+        return url
 
     def refresh_if_old(self, digest: Digest) -> None:
         """Copy the blob's object in place, in the background, if it was last written more than
