@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask
+from gevent import monkey
 
 from . import health, metrics, spooldir
 from .blobs import BlobPolicy
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics.create_blueprint(settings.metrics_networks))
     app.register_blueprint(create_blueprint(forwarder, blobs.get))
     install_error_handlers(app)
+    if monkey.is_module_patched("socket"):  # under gunicorn's gevent worker
+        metrics.watch_worker()
     logging.getLogger("bloblo").info(
         "bloblo proxying %s, caching in s3://%s/%s",
         settings.upstream_url,

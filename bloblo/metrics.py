@@ -8,10 +8,12 @@ names (blobs.py, fills.py); nothing here decides anything.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+import gevent
 from flask import Blueprint, Response, abort, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -95,6 +97,30 @@ S3_AVAILABLE = Gauge(
     "1 while S3 answers, 0 while bloblo serves from the registry after an S3 failure.",
     multiprocess_mode="livemin",
 )
+WORKER_GREENLETS = Gauge(
+    "bloblo_worker_greenlets",
+    "Greenlets spawned and not yet ended in each worker, counted every 5 s: back to its idle "
+    "count once the load is over (a count that only grows is a leak).",
+    multiprocess_mode="liveall",
+)
+WATCH_SECONDS = 5.0
+
+
+def watch_worker(interval: float = WATCH_SECONDS) -> gevent.Greenlet:
+    """Count this worker's live greenlets into WORKER_GREENLETS every `interval` seconds,
+    each time once the event loop has nothing else to do, in a greenlet of its own (a walk of
+    the garbage collector's objects, some 10 ms: not more often). Returns that greenlet."""
+
+    def watch() -> None:
+        while True:
+            gevent.idle()
+            alive = sum(
+                1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead
+            )
+            WORKER_GREENLETS.set(alive)
+            gevent.sleep(interval)
+
+    return gevent.spawn(watch)
 
 
 def count_body(chunks: Iterable[bytes], counter: Callable[[int], None]) -> Iterable[bytes]:
