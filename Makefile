@@ -9,7 +9,7 @@ LS_VENV     := .venv-localstack
 # LocalStack runs on the host only on Python 3.13 (see docs/testing.md); found via PATH or pyenv.
 PYTHON313   ?= $(shell for p in $$HOME/.pyenv/versions/3.13*/bin/python3.13 $$(command -v python3.13); do \
                  "$$p" -c 'import sys' 2>/dev/null && { echo "$$p"; break; }; done)
-APT_PACKAGES := docker-registry skopeo docker.io systemd
+APT_PACKAGES := docker-registry skopeo docker.io systemd apache2-utils
 
 .PHONY: install dev run test bench lint lock clean
 

@@ -1,5 +1,6 @@
-"""`python -m bench [proxy] [offload] [herd] [fill] [ranges] [--quick]`: run bloblo's benchmarks
-against real processes on loopback, print the results and write them as markdown (`--output`)."""
+"""`python -m bench [proxy] [offload] [herd] [fill] [ranges] [load] [--quick]`: run bloblo's
+benchmarks against real processes on loopback, print the results and write them as markdown
+(`--output`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fill, herd, machine, offload, proxy, ranges
+from bench import fill, herd, load, machine, offload, proxy, ranges
 from bench.report import render
 
 BENCHMARKS = {
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "herd": herd.run,
     "fill": fill.run,
     "ranges": ranges.run,
+    "load": load.run,
 }
 HERE = Path(__file__).resolve().parent
 FULL_OUTPUT = HERE / "results-latest.md"  # committed: docs/benchmarks.md quotes it
