@@ -44,7 +44,9 @@ workers = _settings.workers
 # HTTPS on bloblo's own port (issue #8): docker refuses plain HTTP outside loopback.
 certfile = _settings.tls_cert
 keyfile = _settings.tls_key
-worker_class = "gevent"
+# gevent's worker, whose answers to requests gunicorn refuses itself (malformed, beyond the limits
+# below) are registry JSON errors, not HTML pages (issue #14 §3).
+worker_class = _load("worker").JsonErrorsWorker
 worker_connections = 1000
 preload_app = False  # each worker imports the app after gevent has patched it
 timeout = 30  # for gevent workers a heartbeat, not a request limit

@@ -14,7 +14,7 @@ from .config import Settings, load_settings
 from .errors import install_error_handlers
 from .fills import Fills
 from .host import HostFills
-from .proxy import Forwarder, create_blueprint
+from .proxy import Forwarder, create_blueprint, refuse_oversized_content_length
 from .request_ids import RequestIds
 from .storage import BlobStore
 from .upstream import Upstream
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.config["BLOBLO_SETTINGS"] = settings
     app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit
+    app.before_request(refuse_oversized_content_length)  # any request, bloblo's own endpoints too
     app.register_blueprint(health.create_blueprint(health.Health(upstream, store)))
     app.register_blueprint(metrics.create_blueprint(settings.metrics_networks))
     app.register_blueprint(create_blueprint(forwarder, blobs.get))

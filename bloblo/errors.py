@@ -38,6 +38,10 @@ class PathInvalid(RegistryError):
     status, code = 400, "PATH_INVALID"
 
 
+class SizeInvalid(RegistryError):
+    status, code = 400, "SIZE_INVALID"
+
+
 class UpstreamUnavailable(RegistryError):
     status, code = 502, "UNAVAILABLE"
 

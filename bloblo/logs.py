@@ -58,6 +58,13 @@ class BlobloLogger(Logger):
             probe.group("ip"),
         )
 
+    def atoms(self, resp, req, environ, request_time) -> dict:
+        """gunicorn's atoms for the text access line, its path (%(U)s) as the client sent it:
+        gunicorn's own is percent-decoded, and a %0d%0a there would start a forged line."""
+        atoms = super().atoms(resp, req, environ, request_time)
+        atoms["U"] = path_as_sent(environ)
+        return atoms
+
     def access(self, resp, req, environ, request_time) -> None:
         if not self.json:
             super().access(resp, req, environ, request_time)
@@ -67,7 +74,7 @@ class BlobloLogger(Logger):
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         fields = {
             "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("RAW_URI", environ.get("PATH_INFO", "")).split("?", 1)[0],
+            "path": path_as_sent(environ),
             "status": int(status),
             "bytes": getattr(resp, "sent", None),
             "duration_ms": round(request_time.total_seconds() * 1000, 1),
@@ -77,6 +84,13 @@ class BlobloLogger(Logger):
             "request_id": environ.get(REQUEST_ID),
         }
         self.access_log.info("request", extra=fields)
+
+
+def path_as_sent(environ: dict) -> str:
+    """The request's path as the client sent it (percent-encoded, printable ASCII: gunicorn
+    refuses anything else in a request target), without its query: queries may carry signed
+    upload state or tokens."""
+    return environ.get("RAW_URI", environ.get("PATH_INFO") or "-").split("?", 1)[0]
 
 
 def logger_class(log_format: str) -> type[BlobloLogger]:

@@ -17,7 +17,8 @@ MAX_NAME_LENGTH = 255  # distribution refuses longer names
 # Registered algorithms (image-spec descriptor.md): name -> length of the lowercase hex encoding.
 ALGORITHMS = {"sha256": 64, "sha512": 128}
 
-_BLOB_PATH = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]*:[^/]*)")
+# DOTALL: a name holding a (percent-encoded) line feed is a blob path too, refused by parse_name.
+_BLOB_PATH = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]*:[^/]*)", re.DOTALL)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import requests
 from flask import Blueprint, Request, Response, request
+from werkzeug.routing import PathConverter
 
 from . import headers, metrics, targets
 from .clients import ENVIRON_KEY, Client
 from .config import Settings
-from .errors import AbortResponse
+from .errors import AbortResponse, SizeInvalid
 from .loop import cooperative
 from .upstream import Upstream, release
 
@@ -25,6 +26,9 @@ LOG = logging.getLogger(__name__)
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 CHUNK = 1024 * 1024  # large reads: a quarter of the CPU per byte of 64 KiB ones
 Body = Iterator[bytes]
+# The longest body a registry takes: Go's net/http (distribution, Harbor, ...) refuses a
+# Content-Length beyond a signed 64-bit integer (issue #14 §3).
+MAX_CONTENT_LENGTH = 2**63 - 1
 
 
 class Forwarder:
@@ -137,6 +141,22 @@ def request_body(req: Request) -> tuple[Body | None, int | None]:
     return cooperative(iter(lambda: req.stream.read(CHUNK), b"")), length
 
 
+def refuse_oversized_content_length() -> None:
+    """Refuse a request whose Content-Length no registry takes (more than MAX_CONTENT_LENGTH
+    bytes) with SizeInvalid, before anything reaches the upstream (issue #14 §3). gunicorn
+    refused the malformed ones already: negative, not a number, given twice."""
+    length = request.content_length
+    if length is not None and length > MAX_CONTENT_LENGTH:
+        raise SizeInvalid(f"Content-Length is more than {MAX_CONTENT_LENGTH} bytes")
+
+
+class AnyPath(PathConverter):
+    """Werkzeug's path converter, also across a percent-encoded line feed (%0a), which its `.`
+    does not match: such a path is the registry's to answer, not a 404 of bloblo's."""
+
+    regex = f"(?s:{PathConverter.regex})"
+
+
 def create_blueprint(
     forwarder: Forwarder, blob_get: Callable[[Request, object], Response]
 ) -> Blueprint:
@@ -146,9 +166,10 @@ def create_blueprint(
     registry error and reaches neither the upstream nor S3.
     """
     blueprint = Blueprint("proxy", __name__)
+    blueprint.record_once(lambda state: state.app.url_map.converters.update(anypath=AnyPath))
 
     @blueprint.route("/", defaults={"rest": ""}, methods=METHODS, provide_automatic_options=False)
-    @blueprint.route("/<path:rest>", methods=METHODS, provide_automatic_options=False)
+    @blueprint.route("/<anypath:rest>", methods=METHODS, provide_automatic_options=False)
     def upstream(rest: str) -> Response:
         """Any other request: the registry's API, its token realm, its redirects."""
         route = targets.route(raw_target(request), request.method)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
+import re
 from collections.abc import Callable, Iterable
 from urllib.parse import urljoin, urlsplit
 
@@ -38,8 +40,51 @@ class DroppedWhenIdle(ConnectionResetError):
     HEAD without a body: its idle timer and the request crossed. Safe to send again."""
 
 
+# In the upstream's header section, what RFC 9110 §5.5 and RFC 9112 §2.2 let a recipient replace
+# with SP: a bare CR (http.client would end the line there, and a value holding "\rX-Header: v"
+# would reach the client as two header lines), NUL and the other control characters but HTAB
+# (gunicorn refuses to send them: the client would get a 500).
+_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _clean_line(line: bytes) -> bytes:
+    """A line of a header section with its control characters replaced with SP; its line end
+    (CRLF, or a bare LF) kept."""
+    end = b"\r\n" if line.endswith(b"\r\n") else b"\n" if line.endswith(b"\n") else b""
+    return _CONTROLS.sub(b" ", line[: len(line) - len(end)]) + end
+
+
+class _HeaderSection:
+    """The connection's socket file while http.client reads the status line and headers."""
+
+    def __init__(self, fp):
+        self._fp = fp
+
+    def readline(self, limit: int = -1) -> bytes:
+        """The next line, cleaned (_clean_line)."""
+        return _clean_line(self._fp.readline(limit))
+
+    def __getattr__(self, name: str):
+        return getattr(self._fp, name)
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, whose header lines are exactly the upstream's lines, each value
+    cleaned of control characters (issue #14 §3). The body is read untouched."""
+
+    def begin(self):
+        body = self.fp
+        self.fp = _HeaderSection(body)
+        try:
+            super().begin()
+        finally:
+            if self.fp is not None:
+                self.fp = body
+
+
 def _raw_target_request(connection_class):
     class RawTarget(connection_class):
+        response_class = UpstreamResponse
         answered = 0  # responses the open socket has carried: more than none means reused
         _resendable = False
 

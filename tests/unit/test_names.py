@@ -53,6 +53,12 @@ def test_blob_paths_are_recognised_and_other_paths_are_not():
     assert parse_blob_path("team/app/manifests/latest") is None
 
 
+@pytest.mark.parametrize("name", ["team\napp", "team\r\napp", "team\x00app", "team/app\n"])
+def test_a_blob_path_whose_name_holds_a_control_character_is_refused(name):
+    with pytest.raises(NameInvalid):  # a line feed too: it is a blob path (issue #14 §3)
+        parse_blob_path(f"{name}/blobs/sha256:{HEX}")
+
+
 def test_a_blob_path_with_dot_dot_is_refused_before_reaching_anything():
     with pytest.raises(NameInvalid):
         parse_blob_path(f"team/../secret/blobs/sha256:{HEX}")
