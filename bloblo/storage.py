@@ -30,7 +30,7 @@ MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer whil
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
 # A lookup on a client's request path (HeadObject, GetObject's answer) that S3 has not answered
 # within this long, retries included, is an S3 failure: S3 answers in milliseconds when well, and
-# a pull must not wait out boto3's timeouts and retries (up to ~40 s) on every blob.
+# a pull must not wait out boto3's 3 attempts of 10 s each (2 s more each to connect) per blob.
 LOOKUP_SECONDS = 2.0
 KNOWN_BLOBS = 100_000  # positive lookups remembered per worker
 # CopyObject copies at most 5 GiB; a larger object is copied in parts of this size.
