@@ -113,6 +113,13 @@ class BlobPolicy:
             return Evidence()
         answer = self._follow(req, "HEAD", target, drop=_NOT_IN_HEAD)
         release(answer)
+        if answer.status_code >= 500:  # no evidence either way: the registry's GET decides
+            LOG.warning(
+                "the upstream answered %d to the HEAD authorizing %s: its own answer to the GET "
+                "goes to the client, uncached",
+                answer.status_code,
+                blob.digest,
+            )
         if answer.status_code != 200:
             return None
         named = answer.headers.get("Docker-Content-Digest")

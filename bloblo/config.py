@@ -52,6 +52,8 @@ class Settings:
     s3_access_key: str | None = None  # set only for LocalStack; otherwise boto3's chain decides
     s3_secret_key: str | None = field(default=None, repr=False)
 
+    # After an S3 failure, blobs are served from the registry this long before S3 is asked again.
+    s3_backoff_seconds: float = 10.0
     presign_expires: int = 1200
     # How long a worker trusts that the bucket holds a blob before asking S3 again: a deleted
     # object stops being redirected to within this long (issue #8, part 6).
@@ -161,6 +163,11 @@ def _read(env: environs.Env) -> dict:
                 r"^[A-Za-z0-9!_.*'()/\-]*$", error="expected a key prefix of A-Z a-z 0-9 !_.*'()/-"
             ),
         ),
+        "s3_backoff": env.float(
+            "S3_BACKOFF_SECONDS",
+            10.0,
+            validate=Range(min=1, max=600, error="expected seconds, {min} to {max}"),
+        ),
         "presign_expires": env.int(
             "PRESIGN_EXPIRES",
             1200,
@@ -246,6 +253,7 @@ def _settings(raw: dict) -> Settings:
         s3_prefix=prefix + "/" if prefix else "",
         s3_access_key="test" if localstack else None,
         s3_secret_key="test" if localstack else None,
+        s3_backoff_seconds=raw["s3_backoff"],
         presign_expires=raw["presign_expires"],
         cache_check_seconds=raw["cache_check"],
         cache_refresh_seconds=raw["cache_refresh"],

@@ -78,6 +78,12 @@ UPLOAD_HOLD = Histogram(
     "(at most BLOBLO_UPLOAD_HOLD_SECONDS).",
     buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
 )
+UPSTREAM_REQUESTS = Counter(
+    "bloblo_upstream_requests_total",
+    "Requests sent to the registry, by method and the status it answered, or `unreachable` (no "
+    "connection) or `timeout` (no answer within BLOBLO_UPSTREAM_CONNECT/READ_TIMEOUT).",
+    ["method", "code"],
+)
 UPSTREAM_DURATION = Histogram(
     "bloblo_upstream_request_duration_seconds",
     "Seconds until the registry answered a request (headers, not the body).",
@@ -85,6 +91,15 @@ UPSTREAM_DURATION = Histogram(
 )
 S3_DURATION = Histogram(
     "bloblo_s3_request_duration_seconds", "Seconds an S3 operation took.", ["operation"]
+)
+S3_ERRORS = Counter(
+    "bloblo_s3_errors_total",
+    "S3 requests that failed, each attempt counted (boto3 tries throttled, 5xx and unanswered "
+    "requests up to 3 times), by S3 operation (HeadObject, GetObject, PutObject, UploadPart, "
+    "CreateMultipartUpload, ...) and S3's error code (SlowDown, AccessDenied, NoSuchBucket; a "
+    "HEAD's status, which has no body) or what kept the answer from coming "
+    "(EndpointConnectionError, ReadTimeoutError, LookupTimeout). A blob's absence is no error.",
+    ["operation", "code"],
 )
 CACHE_REFRESHES = Counter(
     "bloblo_cache_refreshes_total",

@@ -29,7 +29,10 @@ CONTENT_TYPE = "application/octet-stream"
 CANONICAL = "canonical-digest"
 MIN_PART = 8 * MIB  # FIELD-NOTES: larger parts stall the event loop longer while signing
 MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for a Content-Length that lied low
-UNAVAILABLE_SECONDS = 10.0  # after an S3 failure, serve from upstream without asking S3
+# A lookup on a client's request path (HeadObject, GetObject's answer) that S3 has not answered
+# within this long, retries included, is an S3 failure: S3 answers in milliseconds when well, and
+# a pull must not wait out boto3's 3 attempts of 10 s each (2 s more each to connect) per blob.
+LOOKUP_SECONDS = 2.0
 KNOWN_BLOBS = 100_000  # positive lookups remembered per worker
 # A presigned URL is handed out again while this little of its life is spent (issue #14).
 PRESIGN_REUSE_FRACTION = 0.05
@@ -43,6 +46,9 @@ REFRESH_RETRY_SECONDS = 300.0  # after a failed refresh of a blob, a worker wait
 TRUST_SECONDS = 2.0
 
 _HINTS = {
+    "SlowDown": "S3 throttles this key prefix (about 5,500 GET/HEAD and 3,500 PUT per second)",
+    "503": "S3 is unavailable or throttling (HEAD answers carry no error code)",
+    "LookupTimeout": "S3 answers too slowly: check its health and the network to it",
     "NoSuchBucket": "create the bucket, or set BLOBLO_S3_BUCKET_NAME",
     "404": "no such bucket: create it, or set BLOBLO_S3_BUCKET_NAME",  # HeadBucket's code
     "AccessDenied": "the credentials lack s3:GetObject/PutObject on the bucket",
@@ -63,6 +69,14 @@ class _Known:
     size: int | None
     written: float  # epoch seconds when the object was last written (S3's LastModified)
     canonical: str | None = None  # the object's CANONICAL metadata
+
+
+class LookupTimeout(gevent.Timeout):
+    """S3 did not answer a lookup on a client's request path within LOOKUP_SECONDS, retries
+    included. A gevent.Timeout, so that no `except Exception` of boto3's catches it."""
+
+    def __str__(self) -> str:
+        return f"no answer from S3 in {LOOKUP_SECONDS:g}s"
 
 
 class RangeNotSatisfiable(Exception):
@@ -94,12 +108,14 @@ class BlobStore:
         settings: Settings,
         clock=time.monotonic,
         wall_clock=time.time,
-        unavailable_seconds: float = UNAVAILABLE_SECONDS,
+        unavailable_seconds: float | None = None,
     ):
         """unavailable_seconds: how long a failure of S3 makes available() False (0: never,
-        for a tool whose only job is to fill S3)."""
+        for a tool whose only job is to fill S3); BLOBLO_S3_BACKOFF_SECONDS when not given."""
         self._bucket = settings.s3_bucket
-        self._unavailable_seconds = unavailable_seconds
+        self._unavailable_seconds = (
+            settings.s3_backoff_seconds if unavailable_seconds is None else unavailable_seconds
+        )
         self._prefix = settings.s3_prefix
         self._expires = settings.presign_expires
         self._check_seconds = settings.cache_check_seconds
@@ -124,6 +140,7 @@ class BlobStore:
         self._credentials = session.get_credentials()
         config = _client_config(path_style=settings.s3_endpoint_url is not None)
         self._client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        self._client.meta.events.register("response-received.s3", _count_failed_attempt)
         # Presigned URLs sign the host: sign for the endpoint clients reach.
         self._presigner = (
             self._client
@@ -147,11 +164,7 @@ class BlobStore:
     def report_failure(self, exc: Exception) -> None:
         """Note that S3 failed: log what to check and stop asking it for a while."""
         if self.available():
-            code = (
-                exc.response.get("Error", {}).get("Code")
-                if isinstance(exc, ClientError)
-                else type(exc).__name__
-            )
+            code = _error_code(exc)
             LOG.warning(
                 "S3 bucket %s failed (%s)%s; serving blobs from upstream for %gs",
                 self._bucket,
@@ -177,7 +190,7 @@ class BlobStore:
             return True
         known_before = self._known.get(key)
         try:
-            with metrics.S3_DURATION.labels("head_object").time():
+            with metrics.S3_DURATION.labels("head_object").time(), LookupTimeout(LOOKUP_SECONDS):
                 head = self._client.head_object(Bucket=self._bucket, Key=key)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -187,6 +200,10 @@ class BlobStore:
                 self._answered_at = self._clock()
                 if self._known.get(key) is known_before:  # not an upload's, made meanwhile
                     self._known.pop(key, None)
+            return False
+        except LookupTimeout as exc:
+            metrics.S3_ERRORS.labels("HeadObject", "LookupTimeout").inc()
+            self.report_failure(exc)
             return False
         except BotoCoreError as exc:
             self.report_failure(exc)
@@ -237,11 +254,7 @@ class BlobStore:
         except gevent.Timeout:
             return f"no answer from S3 in {timeout:g}s"
         except (ClientError, BotoCoreError) as exc:
-            code = (
-                exc.response.get("Error", {}).get("Code")
-                if isinstance(exc, ClientError)
-                else type(exc).__name__
-            )
+            code = _error_code(exc)
             return f"{exc}" + (f": {_HINTS[code]}" if code in _HINTS else "")
         return None
 
@@ -350,7 +363,7 @@ class BlobStore:
         extra = {"Range": byte_range} if byte_range else {}
         key = self.key(digest)
         try:
-            with metrics.S3_DURATION.labels("get_object").time():
+            with metrics.S3_DURATION.labels("get_object").time(), LookupTimeout(LOOKUP_SECONDS):
                 obj = self._client.get_object(Bucket=self._bucket, Key=key, **extra)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -360,6 +373,10 @@ class BlobStore:
                 self._known.pop(key, None)  # deleted since: serve it from upstream
             else:
                 self.report_failure(exc)
+            return None
+        except LookupTimeout as exc:
+            metrics.S3_ERRORS.labels("GetObject", "LookupTimeout").inc()
+            self.report_failure(exc)
             return None
         except BotoCoreError as exc:
             self.report_failure(exc)
@@ -412,6 +429,32 @@ class BlobStore:
         self._remember(digest, size, self._wall_clock(), str(canonical) if canonical else None)
 
 
+def _error_code(exc: Exception) -> str:
+    """What an S3 failure was: S3's error code (SlowDown, AccessDenied, ...; a HEAD answer has
+    no body, so its status), or the name of what kept the answer from coming."""
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code") or "unknown")
+    return type(exc).__name__
+
+
+# Answers that say a blob is absent, not that S3 failed (403: no s3:ListBucket).
+_ABSENT = {"HeadObject": (403, 404), "GetObject": (404, 416)}
+
+
+def _count_failed_attempt(event_name: str, exception=None, parsed_response=None, **_) -> None:
+    """botocore's response-received hook: count each attempt of a request that S3 refused or
+    did not answer, retried or not (bloblo_s3_errors_total)."""
+    operation = event_name.rsplit(".", 1)[-1]
+    if exception is not None:
+        code = type(exception).__name__
+    else:
+        status = (parsed_response or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status < 400 or status in _ABSENT.get(operation, ()):
+            return
+        code = (parsed_response.get("Error") or {}).get("Code") or str(status)
+    metrics.S3_ERRORS.labels(operation, code).inc()
+
+
 def presign_seconds(configured: int, credentials, now: float) -> int:
     """The expiry, in seconds, of a URL presigned now (epoch seconds) with credentials:
     configured, capped at what is left of temporary credentials (boto3's RefreshableCredentials
@@ -443,7 +486,10 @@ def _client_config(path_style: bool) -> Config:
         },
         connect_timeout=2,
         read_timeout=10,
-        retries={"max_attempts": 2, "mode": "standard"},
+        # At most 3 attempts of a request (boto3's `max_attempts` counts retries only), with
+        # backoff of up to 1 s then 2 s after throttling (SlowDown), 50 then 100 ms otherwise;
+        # a lookup on a client's request path is bounded as a whole by LOOKUP_SECONDS.
+        retries={"total_max_attempts": 3, "mode": "standard"},
         max_pool_connections=64,
         # boto3 >= 1.36 sends CRC checksums that some S3-compatible stores reject.
         request_checksum_calculation="when_required",

@@ -206,13 +206,15 @@ class Upstream:
             prepared.headers["Transfer-Encoding"] = "chunked"
         try:
             with metrics.UPSTREAM_DURATION.labels(method).time():
-                return self._adapter.send(prepared, stream=True, timeout=timeout or self._timeout)
+                answer = self._adapter.send(prepared, stream=True, timeout=timeout or self._timeout)
         except (requests.ConnectTimeout, requests.ReadTimeout) as exc:
+            metrics.UPSTREAM_REQUESTS.labels(method, "timeout").inc()
             LOG.warning(
                 "upstream %s timed out on %s %s: %s", self.url, method, _path(target), _reason(exc)
             )
             raise UpstreamTimeout("the upstream registry did not answer in time") from None
         except requests.RequestException as exc:
+            metrics.UPSTREAM_REQUESTS.labels(method, "unreachable").inc()
             LOG.warning(
                 "upstream %s unreachable on %s %s: %s",
                 self.url,
@@ -221,6 +223,8 @@ class Upstream:
                 _reason(exc),
             )
             raise UpstreamUnavailable("the upstream registry cannot be reached") from None
+        metrics.UPSTREAM_REQUESTS.labels(method, str(answer.status_code)).inc()
+        return answer
 
     def follow(self, send: Callable[[str], requests.Response], target: str) -> requests.Response:
         """send(target)'s final answer, following the redirects that stay at the upstream

@@ -3,6 +3,8 @@ it records each request exactly as it arrived and answers what the test scripted
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,12 +32,14 @@ class Seen:
 class Reply:
     """What to answer: status, header lines, and a body (bytes, or chunks sent as they come and
     then the connection closed, so a test can stop half-way). hang_up: no answer at all, the
-    connection closed once the request is read."""
+    connection closed once the request is read. reset: the connection is reset (RST, no FIN)
+    once the body is sent."""
 
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | Iterable[bytes] = b""
     hang_up: bool = False
+    reset: bool = False
 
 
 def blob_headers(digest: str, length: int) -> list[tuple[str, str]]:
@@ -54,12 +58,13 @@ def digest_in(target: str) -> str:
 
 
 class FakeUpstream:
-    """Serves on 127.0.0.1:free-port from a thread; `answer(seen) -> Reply` decides each reply."""
+    """Serves on 127.0.0.1:port (a free one unless given) from a thread; `answer(seen) -> Reply`
+    decides each reply."""
 
-    def __init__(self, answer: Callable[[Seen], Reply]):
+    def __init__(self, answer: Callable[[Seen], Reply], port: int = 0):
         self.answer = answer
         self.seen: list[Seen] = []
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), _handler(self))
+        self._server = ThreadingHTTPServer((LOOPBACK, port), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://{LOOPBACK}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -95,6 +100,19 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             if reply.hang_up:
                 self.close_connection = True
                 return
+            try:
+                self._send(reply)
+            except OSError:  # the client left (e.g. it gave up waiting)
+                self.close_connection = True
+            if reply.reset:
+                self.close_connection = True
+                # Linger 0: close() sends RST instead of FIN, before the server's own shutdown.
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.connection.close()
+
+        def _send(self, reply: Reply) -> None:
             self.send_response(reply.status)
             for name, value in reply.headers:
                 self.send_header(name, value)
@@ -107,12 +125,9 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             chunks = [reply.body] if isinstance(reply.body, bytes) else reply.body
             if not isinstance(reply.body, bytes):
                 self.close_connection = True  # a streamed body ends with the connection
-            try:
-                for chunk in chunks:
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-            except OSError:
-                self.close_connection = True
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
 
         def _body(self) -> bytes:
             if "chunked" in self.headers.get("Transfer-Encoding", ""):

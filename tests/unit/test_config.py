@@ -69,6 +69,8 @@ def test_listen_addresses(monkeypatch, addr, expected):
         ("BLOBLO_CACHE_REFRESH_SECONDS", "-1"),
         ("BLOBLO_UPLOAD_HOLD_SECONDS", "601"),
         ("BLOBLO_UPLOAD_HOLD_SECONDS", "soon"),
+        ("BLOBLO_S3_BACKOFF_SECONDS", "0"),
+        ("BLOBLO_S3_BACKOFF_SECONDS", "601"),
     ],
 )
 def test_an_invalid_value_names_the_variable(monkeypatch, name, value):
@@ -90,3 +92,9 @@ def test_the_upload_hold_defaults_to_ten_seconds_and_zero_turns_it_off(monkeypat
     assert load_settings().upload_hold_seconds == 10.0
     monkeypatch.setenv("BLOBLO_UPLOAD_HOLD_SECONDS", "0")
     assert load_settings().upload_hold_seconds == 0.0
+
+
+def test_the_s3_backoff_defaults_to_ten_seconds(monkeypatch):
+    assert load_settings().s3_backoff_seconds == 10.0
+    monkeypatch.setenv("BLOBLO_S3_BACKOFF_SECONDS", "1")
+    assert load_settings().s3_backoff_seconds == 1.0
