@@ -1,9 +1,15 @@
 """What an answer leaves on the client's connection (issue #13, item 6) and how long a client may
-hold it (issue #14 §2): the stall bound while an answer is sent."""
+hold it (issue #14 §2): the stall bound while an answer is sent, the TLS handshake's bound."""
+
+import socket
+import ssl
+import threading
 
 import pytest
+from gevent import GreenletExit
 
-from bloblo.connections import StallLimit
+from bloblo.connections import StallLimit, bounded_handshakes
+from tests.stack.tls import make_server_tls
 
 
 class ClientSocket:
@@ -74,3 +80,34 @@ def test_an_answer_closes_its_body_before_the_timeout_comes_back():
 
     _answer(client_socket, app)
     assert order == [("body closed", 7)]
+
+
+@pytest.fixture
+def server_context(tmp_path):
+    tls = make_server_tls(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+def test_a_tls_handshake_that_never_comes_ends_the_connection_quietly(server_context):
+    server_end, client_end = socket.socketpair()
+    # gevent then ends the connection's greenlet, with no traceback.
+    with client_end, pytest.raises(GreenletExit):
+        bounded_handshakes(server_context, 0.2).wrap_socket(server_end, server_side=True)
+    server_end.close()
+
+
+def test_a_tls_connection_keeps_its_own_timeout_after_the_handshake(server_context):
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server_end, _ = listener.accept()
+    client_context = ssl._create_unverified_context()  # the server's certificate is not the point
+    handshake = threading.Thread(target=lambda: client_context.wrap_socket(client).close())
+    handshake.start()
+    wrapped = bounded_handshakes(server_context, 5).wrap_socket(server_end, server_side=True)
+    handshake.join()
+    assert wrapped.gettimeout() is None
+    assert bounded_handshakes(server_context, 5).verify_mode == server_context.verify_mode
+    wrapped.close()
+    listener.close()
