@@ -5,9 +5,11 @@ each worker after fork, and ssl must not be imported before that (see wsgi.py). 
 is loaded by path so the master checks the configuration once, before forking any worker.
 """
 
+import contextlib
 import importlib.util
 import os
 import pathlib
+import resource
 import sys
 import tempfile
 
@@ -35,6 +37,15 @@ if _settings.max_fills:
         _spooldir.prepare(_settings.spool_directory, create=_settings.spool_dir is None)
     except _spooldir.UnsafeSpoolDir as exc:
         sys.exit(f"bloblo: {exc}")
+
+# A worker holds up to worker_connections (1000) client connections, and its upstream and S3
+# connections and spools besides: more descriptors than the soft limit of 1024 most systems
+# start a process with (issue #14 §2). The workers inherit the hard limit (the unit: 65536).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft < _hard:
+    # An unlimited hard limit is more than the kernel allows: then the soft limit stays.
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 
 _connections = _load("connections")
 _host = _settings.listen_host or "0.0.0.0"
