@@ -5,9 +5,11 @@ each worker after fork, and ssl must not be imported before that (see wsgi.py). 
 is loaded by path so the master checks the configuration once, before forking any worker.
 """
 
+import contextlib
 import importlib.util
 import os
 import pathlib
+import resource
 import sys
 import tempfile
 
@@ -36,6 +38,16 @@ if _settings.max_fills:
     except _spooldir.UnsafeSpoolDir as exc:
         sys.exit(f"bloblo: {exc}")
 
+# A worker holds up to worker_connections (1000) client connections, and its upstream and S3
+# connections and spools besides: more descriptors than the soft limit of 1024 most systems
+# start a process with (issue #14 §2). The workers inherit the hard limit (the unit: 65536).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft < _hard:
+    # An unlimited hard limit is more than the kernel allows: then the soft limit stays.
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+_connections = _load("connections")
 _host = _settings.listen_host or "0.0.0.0"
 bind = [
     f"[{_host}]:{_settings.listen_port}" if ":" in _host else f"{_host}:{_settings.listen_port}"
@@ -53,7 +65,10 @@ timeout = 30  # for gevent workers a heartbeat, not a request limit
 graceful_timeout = 600  # in-flight layer downloads get this long to finish on restart/stop
 # Idle keep-alive connections hold a worker on graceful stop until they time out: keep it short.
 # Behind a load balancer raise it above the balancer's idle timeout:
-# GUNICORN_CMD_ARGS="--keep-alive 75".
+# GUNICORN_CMD_ARGS="--keep-alive 75". It also bounds how long a connection may take to send
+# a request head (and, on the HTTPS port, its TLS handshake: ssl_context below); 0 would let a
+# slowloris client hold a connection for ever (docs/operating.md, "Slow clients and many
+# connections").
 keepalive = 5
 control_socket_disable = True
 # X-Forwarded-Proto is believed from these peers only; bloblo applies the same list to the
@@ -69,6 +84,12 @@ errorlog = "-"
 # Paths without query strings: those carry signed upload state (and, at some registries, tokens).
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms "%(a)s"'
 proc_name = "bloblo"
+
+
+def ssl_context(config, default_ssl_context_factory):
+    """The HTTPS port's context: a TLS handshake must end within the keep-alive (as the request
+    head after it must), or the connection is closed (issue #14 §2)."""
+    return _connections.bounded_handshakes(default_ssl_context_factory(), config.keepalive or 5)
 
 
 def on_starting(server):

@@ -11,6 +11,7 @@ from . import health, metrics, spooldir
 from .blobs import BlobPolicy
 from .clients import ClientMiddleware
 from .config import Settings, load_settings
+from .connections import StallLimit
 from .errors import install_error_handlers
 from .fills import Fills
 from .host import HostFills
@@ -34,8 +35,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Every path is the registry's: no slash merging or trailing-slash redirects of Flask's own.
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.wsgi_app = metrics.Requests(
-        RequestIds(ClientMiddleware(app.wsgi_app, settings.trusted_proxies))
+    app.wsgi_app = StallLimit(
+        metrics.Requests(RequestIds(ClientMiddleware(app.wsgi_app, settings.trusted_proxies))),
+        settings.client_stall_seconds,
     )
     app.config["BLOBLO_SETTINGS"] = settings
     app.extensions["bloblo.fills"] = fills  # gunicorn.conf.py drains it on worker exit

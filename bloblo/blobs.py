@@ -59,9 +59,6 @@ _ABOUT_THE_BLOB = frozenset(
         "last-modified",
     }
 )
-# A client that takes no bytes for this long while a fill serves it is cut off, so that it
-# cannot hold the fill's spool (and its share of BLOBLO_SPOOL_MAX_MB) forever.
-CLIENT_STALL_SECONDS = 60.0
 
 
 class BlobPolicy:
@@ -321,9 +318,7 @@ class BlobPolicy:
         asked = self._forwarder.upstream_headers(req, drop=_NOT_IN_FILL, add=IDENTITY)
         resume = functools.partial(self._rest_from_upstream, asked, target, fill.digest)
         reader = FillReader(fill, start, stop, stop == fill.size, resume)
-        response = self._forwarder.answer(req, status, headers, self._fills.hold.serving(reader))
-        _cut_off_stalls(req, response)
-        return response
+        return self._forwarder.answer(req, status, headers, self._fills.hold.serving(reader))
 
     def _rest_from_upstream(
         self, asked: Headers, target: str, digest: Digest, start: int, stop: int
@@ -378,15 +373,3 @@ def _passed_through(count: int) -> None:
     """Blob bytes the upstream sent a client uncached."""
     metrics.BLOB_BYTES.labels("upstream").inc(count)
     metrics.UPSTREAM_BYTES.inc(count)
-
-
-def _cut_off_stalls(req: Request, response: Response) -> None:
-    """Make the client's socket time out after CLIENT_STALL_SECONDS without progress while
-    response is sent; its own timeout comes back when response closes, so that the next
-    request on the keep-alive connection is not cut off by a fill's limit (issue #13)."""
-    client_socket = req.environ.get("gunicorn.socket")
-    if client_socket is None:
-        return
-    previous = client_socket.gettimeout()
-    client_socket.settimeout(CLIENT_STALL_SECONDS)
-    response.call_on_close(lambda: client_socket.settimeout(previous))

@@ -43,6 +43,9 @@ class Settings:
     preserve_host: bool = False
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 60.0
+    # A client must take each piece of an answer (up to 1 MiB) within this long, or its
+    # connection is closed: a slow or stalled client holds nothing for ever (issue #14 §2).
+    client_stall_seconds: float = 60.0
 
     s3_bucket: str = "sample-bucket"
     s3_endpoint_url: str | None = None  # None: AWS itself
@@ -145,6 +148,7 @@ def _read(env: environs.Env) -> dict:
         "use_localstack": env.bool("USE_LOCALSTACK", False),
         "connect_timeout": env.float("UPSTREAM_CONNECT_TIMEOUT", 10.0, validate=seconds),
         "read_timeout": env.float("UPSTREAM_READ_TIMEOUT", 60.0, validate=seconds),
+        "client_stall": env.float("CLIENT_STALL_SECONDS", 60.0, validate=seconds),
         "bucket": env.str(
             "S3_BUCKET_NAME",
             "sample-bucket",
@@ -246,6 +250,7 @@ def _settings(raw: dict) -> Settings:
         preserve_host=raw["preserve_host"],
         upstream_connect_timeout=raw["connect_timeout"],
         upstream_read_timeout=raw["read_timeout"],
+        client_stall_seconds=raw["client_stall"],
         s3_bucket=raw["bucket"],
         s3_endpoint_url=endpoint,
         s3_public_endpoint_url=raw["public_endpoint"] or endpoint,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 from gunicorn.glogging import Logger
 from pythonjsonlogger.json import JsonFormatter
@@ -20,6 +21,9 @@ _TLS_PROBE = re.compile(
     r"Invalid request from ip=(?P<ip>\S+): Invalid HTTP request line: "
     r"(?:'bare LF as line terminator'|'\\x16\\x03)"
 )
+# What gunicorn logs, with a traceback, when sending to a client timed out: bloblo's bound on a
+# client that stopped taking its answer (connections.StallLimit).
+_SEND_FAILED = "Socket error processing request."
 # Where bloblo's request handling leaves what the access line reports (set by the app).
 REQUEST_ID = "bloblo.request_id"
 OUTCOME = "bloblo.outcome"
@@ -35,8 +39,9 @@ def json_formatter() -> logging.Formatter:
 
 
 class BlobloLogger(Logger):
-    """gunicorn's logger: a TLS handshake on the plain-HTTP port is an INFO line saying so, and
-    with json set every line, access lines included, is one JSON object."""
+    """gunicorn's logger: a TLS handshake on the plain-HTTP port and a client cut off for
+    taking its answer too slowly are INFO lines saying so, and with json set every line,
+    access lines included, is one JSON object."""
 
     json = False
 
@@ -64,6 +69,16 @@ class BlobloLogger(Logger):
         atoms = super().atoms(resp, req, environ, request_time)
         atoms["U"] = path_as_sent(environ)
         return atoms
+
+    def exception(self, msg, *args, **kwargs):
+        if msg == _SEND_FAILED and isinstance(sys.exc_info()[1], TimeoutError):
+            self.info(
+                "a client stopped taking its answer: no piece of it (up to 1 MiB) was taken "
+                "within BLOBLO_CLIENT_STALL_SECONDS, so its connection was closed (the access "
+                "line before says what it had got)"
+            )
+            return
+        super().exception(msg, *args, **kwargs)
 
     def access(self, resp, req, environ, request_time) -> None:
         if not self.json:
