@@ -18,6 +18,7 @@ import gevent
 import requests
 from cachetools import LRUCache
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from . import metrics
 from .config import Settings
@@ -165,14 +166,18 @@ class Fill:
                 finally:
                     self._owner.hold.busy(-1)
                     release(response)
+                    self._owner.downloaded(self)
                 # Only now, and once the host's clients of fills are served: while they are,
                 # they have the CPU to themselves (an upload alongside made a cold pull twice
                 # as slow, issue #7).
                 self._owner.hold.wait()
-                if self._owner.store.available():
-                    self._upload()
-                else:
-                    LOG.warning("S3 is unavailable: %s not uploaded, stays uncached", self.digest)
+                with self._owner.uploads:
+                    if self._owner.store.available():
+                        self._upload()
+                    else:
+                        LOG.warning(
+                            "S3 is unavailable: %s not uploaded, stays uncached", self.digest
+                        )
         except (FillBroken, SpoolError, requests.RequestException, OSError) as exc:
             self._break(str(exc) or type(exc).__name__)
         except Exception as exc:  # urllib3's ProtocolError and kin: the upstream broke off
@@ -330,7 +335,8 @@ def _raise_failed_write(writing) -> None:
 
 
 class Fills:
-    """The fills of one worker: at most one per digest and BLOBLO_MAX_FILLS at once."""
+    """The fills of one worker: at most one per digest, BLOBLO_MAX_FILLS downloading and as
+    many uploading at once."""
 
     def __init__(self, settings: Settings, store: BlobStore, host: HostFills | None = None):
         self.store = store
@@ -340,6 +346,12 @@ class Fills:
         self.deadline = settings.fill_deadline_seconds
         self._max = settings.max_fills
         self._running: dict[str, Fill] = {}
+        # Digests whose download runs: BLOBLO_MAX_FILLS bounds these, and the uploads (their
+        # memory) apart. A downloaded fill waiting for its upload (the hold) takes no place:
+        # under load, held fills used to take every place for BLOBLO_UPLOAD_HOLD_SECONDS, and
+        # new blobs, a herd's too, passed through uncached (issue #14).
+        self._downloading: set[str] = set()
+        self.uploads = BoundedSemaphore(max(self._max, 1))
         self._shared: dict[str, SharedFill] = {}  # other workers' fills this one follows
         self.hold = UploadHold(settings.upload_hold_seconds, host)
 
@@ -364,9 +376,9 @@ class Fills:
     def reserve(self, digest: Digest, canonical: Digest | None = None) -> Fill | None:
         """A new fill for digest (verified against canonical too, when given), reserved before
         its upstream GET is sent so that concurrent clients join it; None when one runs
-        already or BLOBLO_MAX_FILLS are running."""
+        already or BLOBLO_MAX_FILLS are downloading."""
         key = str(digest)
-        if key in self._running or len(self._running) >= self._max:
+        if key in self._running or len(self._downloading) >= self._max:
             return None
         claim = None
         if self.host is not None:
@@ -376,12 +388,20 @@ class Fills:
         fill = Fill(digest, self, claim.spool_path if claim else None, canonical)
         fill.after_verified = claim is not None and claim.after_verified
         self._running[key] = fill
+        self._downloading.add(key)
         return fill
+
+    def downloaded(self, fill: Fill) -> None:
+        """fill's download is over (verified or not): it no longer counts against
+        BLOBLO_MAX_FILLS."""
+        if self._running.get(str(fill.digest)) is fill:
+            self._downloading.discard(str(fill.digest))
 
     def forget(self, fill: Fill) -> None:
         """fill takes no more clients (it ended, or never started)."""
         if self._running.get(str(fill.digest)) is fill:
             del self._running[str(fill.digest)]
+            self._downloading.discard(str(fill.digest))
 
     def in_progress(self) -> int:
         """How many fills this worker runs now."""

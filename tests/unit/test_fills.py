@@ -168,6 +168,34 @@ def test_the_spool_budget_and_the_fill_cap_say_no_instead_of_waiting(tmp_path):
     assert fills.in_progress() == 0 and fills.reserve(_digest(b"b")) is not None
 
 
+def test_a_fill_waiting_for_its_upload_leaves_its_place_to_a_new_blob(tmp_path):
+    """Issue #14: under load every place of BLOBLO_MAX_FILLS was taken by fills held for their
+    upload, and new blobs, a herd's too, passed through uncached. Downloads are capped, and
+    uploads apart: at most BLOBLO_MAX_FILLS at once."""
+    store = RecordingStore()
+    settings = {"spool_dir": str(tmp_path), "max_fills": 1, "upload_hold_seconds": 30}
+    fills = Fills(Settings(**settings), store)
+    first = fills.reserve(_digest(DATA))
+    assert fills.reserve(_digest(b"b")) is None  # its download takes the one place
+    client = fills.hold.serving(FillReader(first, 0, len(DATA), hold_tail=True))
+    assert first.begin(FakeResponse(_chunks()), len(DATA), [])
+    assert _read_open(client) == DATA  # verified; its upload is held while the client is open
+    second_data = DATA[: 2 * MIB]
+    second = fills.reserve(_digest(second_data))
+    assert second is not None and fills.in_progress() == 2  # the held one left its place
+    assert second.begin(FakeResponse(_chunks(second_data)), len(second_data), [])
+    gevent.sleep(0.2)
+    assert store.published == {}
+    client.close()
+    assert first.done.wait(10) and second.done.wait(10)
+    assert set(store.published) == {str(first.digest), str(second.digest)}
+
+
+def _read_open(reader) -> bytes:
+    """Everything reader gives, leaving it open (its client still there)."""
+    return b"".join(reader)
+
+
 # --- the upload waits for the worker's clients (BLOBLO_UPLOAD_HOLD_SECONDS) --------------------
 
 
