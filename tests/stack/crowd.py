@@ -35,6 +35,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import requests  # noqa: E402
 from requests.adapters import HTTPAdapter  # noqa: E402
+from urllib3.util.retry import Retry  # noqa: E402
 
 CHUNK = 1 << 20  # what a client reads and hashes at a time
 TIMEOUT = (10, 120)  # connect, and between two reads: a stuck client fails, never hangs
@@ -75,31 +76,44 @@ class Outcome:
             self.errors.append(f"{kind}: {what}")
 
 
+# A request on a kept-alive connection that the server closed as the request went out fails
+# before any answer: sent again once, as docker's and containerd's HTTP client (Go's) does.
+RESEND_WHEN_DROPPED = Retry(total=1, connect=1, read=1, status=0, redirect=0, other=0)
+
+
 def _session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # loopback only: no proxy from the environment
-    session.mount("http://", HTTPAdapter(pool_connections=2, pool_maxsize=1))
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=1, max_retries=RESEND_WHEN_DROPPED)
+    session.mount("http://", adapter)
     return session
 
 
 def _pull(session: requests.Session, url: str, blob: Blob, headers: dict) -> tuple[float, int]:
     """GET blob through bloblo, following a 307 to S3; return (seconds until bloblo's answer,
-    its status). Raises ValueError unless the body is the blob, and requests' errors."""
+    its status). Raises ValueError, naming bloblo or S3, unless the body is the blob."""
     started = time.perf_counter()
-    with session.get(
-        f"{url}/v2/{blob.repo}/blobs/{blob.digest}",
-        headers=headers,
-        allow_redirects=False,
-        stream=True,
-        timeout=TIMEOUT,
-    ) as answer:
+    try:
+        answer = session.get(
+            f"{url}/v2/{blob.repo}/blobs/{blob.digest}",
+            headers=headers,
+            allow_redirects=False,
+            stream=True,
+            timeout=TIMEOUT,
+        )
+    except requests.RequestException as exc:
+        raise ValueError(f"bloblo: {exc}") from None
+    with answer:
         answered, status = time.perf_counter() - started, answer.status_code
-        if status == 307:
-            answer.close()
-            with session.get(answer.headers["Location"], stream=True, timeout=TIMEOUT) as s3:
-                _check(s3, blob)
-        else:
+        if status != 307:
             _check(answer, blob)
+            return answered, status
+        answer.close()
+    try:
+        with session.get(answer.headers["Location"], stream=True, timeout=TIMEOUT) as s3:
+            _check(s3, blob)
+    except requests.RequestException as exc:
+        raise ValueError(f"S3: {exc}") from None
     return answered, status
 
 
