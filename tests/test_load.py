@@ -49,11 +49,13 @@ def _worker_state(bloblo) -> dict[int, dict[str, int]]:
     for pid in bloblo.worker_pids():
         process = psutil.Process(pid)
         connections = [c for c in process.net_connections("tcp") if c.raddr]
-        clients = sum(c.laddr.port == bloblo.port for c in connections)
+        clients = sum(
+            c.laddr.port == bloblo.port and c.status == psutil.CONN_ESTABLISHED for c in connections
+        )
         state[pid] = {
             "descriptors": process.num_fds(),
             "clients": clients,
-            "pooled": len(connections) - clients,
+            "pooled": sum(c.laddr.port != bloblo.port for c in connections),
             "greenlets": int(greenlets.get(str(pid), -1)),
         }
     return state
