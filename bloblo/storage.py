@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import time
@@ -374,11 +375,18 @@ class BlobStore:
         too, is stored with the object (CANONICAL metadata).
 
         An exception from fileobj.read() aborts the upload: nothing appears under the key.
+        A blob sent in one PUT carries its SHA-256 (when it has one), which S3 checks: a body
+        cut short on the way (a worker killed mid-PUT) is refused, never stored as an object
+        (LocalStack stores what it got; issue #14 §2). A multipart upload needs no such check:
+        only a worker that sent every part, verified, completes it.
         """
         extra = {"ContentType": CONTENT_TYPE}
         if canonical is not None:
             extra["Metadata"] = {CANONICAL: str(canonical)}
         part = part_size(size)
+        sha256 = next((d for d in (digest, canonical) if d and d.algorithm == "sha256"), None)
+        if sha256 is not None and size is not None and size < part:  # one PUT
+            extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256.hex)).decode()
         config = TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=4, use_threads=True
         )
