@@ -8,6 +8,7 @@ from flask import Flask
 from gevent import monkey
 
 from . import health, metrics, spooldir
+from .abandoned import AbandonedUploads
 from .blobs import BlobPolicy
 from .clients import ClientMiddleware
 from .config import Settings, load_settings
@@ -29,6 +30,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     forwarder = Forwarder(settings, upstream)
     store = BlobStore(settings)
     fills = Fills(settings, store, _host_fills(settings))
+    if settings.max_fills:  # what this instance's killed workers (or another's) left in S3
+        AbandonedUploads(settings, store).start()
     blobs = BlobPolicy(settings, forwarder, upstream, store, fills)
 
     app = Flask(__name__, static_folder=None)  # every path is the registry's

@@ -59,6 +59,11 @@ FILLS = Counter(
     "Fills that ended, by result: published, digest_mismatch, aborted, failed.",
     ["result"],
 )
+STALE_UPLOADS_ABORTED = Counter(
+    "bloblo_stale_uploads_aborted_total",
+    "Multipart uploads under bloblo's keys aborted because they began longer ago than "
+    "BLOBLO_FILL_DEADLINE_SECONDS: what workers killed mid-upload left in the bucket.",
+)
 FILLS_SKIPPED = Counter(
     "bloblo_fills_skipped_total",
     "Blob misses streamed uncached because the blob could not be spooled, by reason: "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
 import boto3
@@ -44,6 +47,9 @@ REFRESH_RETRY_SECONDS = 300.0  # after a failed refresh of a blob, a worker wait
 # Remembered blobs are redirected to only while S3 answered within this long: a redirect to a
 # dead S3 fails the pull, so a stale worker asks S3 again first (one request per interval).
 TRUST_SECONDS = 2.0
+# S3 dates its answers (Date), and LocalStack a multipart upload's start, in whole seconds: an
+# upload is older than a limit for sure when S3's clock says so by this much more.
+CLOCK_RESOLUTION = 1.0
 
 _HINTS = {
     "SlowDown": "S3 throttles this key prefix (about 5,500 GET/HEAD and 3,500 PUT per second)",
@@ -388,6 +394,33 @@ class BlobStore:
             body=obj["Body"],
         )
 
+    def abort_stale_uploads(self, older_than: float) -> int:
+        """Abort the multipart uploads under the blobs' keys that began more than older_than
+        seconds ago by S3's own clock (the Date of its answer; this host's clock only when S3
+        sends none), so that a clock here that runs ahead never makes a young upload look
+        old. Returns how many this call aborted; one that is gone meanwhile (aborted by
+        another worker or instance, or completed) is not counted.
+
+        Needs s3:ListBucketMultipartUploads and s3:AbortMultipartUpload; raises botocore's
+        ClientError or BotoCoreError when S3 refuses or fails."""
+        aborted = 0
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self._bucket, Prefix=f"{self._prefix}blobs/"
+        )
+        for page in pages:
+            now = s3_time(page) or self._wall_clock()
+            for upload in stale_uploads(page.get("Uploads", []), now, older_than):
+                try:
+                    self._client.abort_multipart_upload(
+                        Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                        raise
+                    continue
+                aborted += 1
+        return aborted
+
     def put(self, digest: Digest, data: bytes) -> None:
         """Store a small blob as it is (for `bloblo check`; fills go through upload())."""
         self._client.put_object(
@@ -409,11 +442,18 @@ class BlobStore:
         too, is stored with the object (CANONICAL metadata).
 
         An exception from fileobj.read() aborts the upload: nothing appears under the key.
+        A blob sent in one PUT carries its SHA-256 (when it has one), which S3 checks: a body
+        cut short on the way (a worker killed mid-PUT) is refused, never stored as an object
+        (LocalStack stores what it got; issue #14 §2). A multipart upload needs no such check:
+        only a worker that sent every part, verified, completes it.
         """
         extra = {"ContentType": CONTENT_TYPE}
         if canonical is not None:
             extra["Metadata"] = {CANONICAL: str(canonical)}
         part = part_size(size)
+        sha256 = next((d for d in (digest, canonical) if d and d.algorithm == "sha256"), None)
+        if sha256 is not None and size is not None and size < part:  # one PUT
+            extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256.hex)).decode()
         config = TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=4, use_threads=True
         )
@@ -466,6 +506,25 @@ def presign_seconds(configured: int, credentials, now: float) -> int:
     if expiry is None:
         return configured
     return max(1, min(configured, int(expiry.timestamp() - now)))
+
+
+def stale_uploads(uploads: Iterable[dict], now: float, older_than: float) -> list[dict]:
+    """The uploads (as ListMultipartUploads lists them) that began more than older_than seconds
+    before now (epoch seconds, S3's clock, both perhaps cut to whole seconds)."""
+    return [
+        upload
+        for upload in uploads
+        if now - upload["Initiated"].timestamp() >= older_than + CLOCK_RESOLUTION
+    ]
+
+
+def s3_time(answer: dict) -> float | None:
+    """When S3 sent answer (its Date header), in epoch seconds; None without a usable one."""
+    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
 
 
 def part_size(size: int | None) -> int:

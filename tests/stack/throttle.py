@@ -16,11 +16,12 @@ BLOCK = 64 * 1024
 class Throttle:
     """Listens on 127.0.0.1:free-port and relays every connection to `port`, each direction at
     most `bytes_per_second`. `.url` is its http:// address; `.sent` counts the bytes passed on
-    towards the server so far."""
+    towards the server so far; `.rate` (bytes per second) may be changed while it relays. A
+    connection that was idle gains no credit: what comes after a pause is paced from then."""
 
     def __init__(self, port: int, bytes_per_second: float):
         self._target = (LOOPBACK, port)
-        self._rate = bytes_per_second
+        self.rate = bytes_per_second
         self._listener = socket.create_server((LOOPBACK, 0))
         self.url = f"http://{LOOPBACK}:{self._listener.getsockname()[1]}"
         self._sockets: list[socket.socket] = []
@@ -43,11 +44,13 @@ class Throttle:
         started, sent = time.monotonic(), 0
         with contextlib.suppress(OSError):
             while data := source.recv(BLOCK):
+                if sent / self.rate < time.monotonic() - started:  # it was idle: no credit
+                    started, sent = time.monotonic(), 0
                 sink.sendall(data)
                 sent += len(data)
                 if count:
                     self.sent += len(data)
-                ahead = sent / self._rate - (time.monotonic() - started)
+                ahead = sent / self.rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)  # pacing is the point of this relay
         with contextlib.suppress(OSError):
@@ -55,6 +58,8 @@ class Throttle:
 
     def stop(self) -> None:
         """Stop listening and cut every relayed connection."""
+        with contextlib.suppress(OSError):  # wakes the accepting thread (close alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for sock in self._sockets:
             with contextlib.suppress(OSError):
